@@ -1,0 +1,115 @@
+"""One reward signature, a registry, and weighted combination (architecture.md, principle 7).
+
+Every reward is a callable ``(images, prompts, metadata) -> RewardOutput``:
+- ``images``: N RGB ``PIL.Image`` objects;
+- ``prompts``: N strings;
+- ``metadata``: N dicts (GenEval schema for GenEval-style rewards; ``{}`` when a prompt has none).
+
+``RewardOutput.scores`` is an fp32 tensor [N]. A reward that cannot score one image (a detector
+crash, an OCR failure) marks it ``valid=False`` and explains it in ``details``; the trainer counts and
+logs such events instead of crashing or silently using 0 (issue 6).
+
+Rewards register by name with :func:`register_reward` and are built from config with
+:func:`build_reward`. Heavy models load lazily, on first call.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+from PIL import Image
+
+from stagerl.errors import UserError
+
+
+@dataclass
+class RewardOutput:
+    """Scores for a batch of N images."""
+
+    scores: torch.Tensor  # [N] fp32 reward per image (value for invalid entries is unspecified)
+    valid: torch.Tensor  # [N] bool, False where the reward failed on that image
+    details: list[dict[str, Any]] = field(default_factory=list)  # N per-sample dicts (may be empty)
+
+    def __post_init__(self) -> None:
+        self.scores = torch.as_tensor(self.scores, dtype=torch.float32)
+        self.valid = torch.as_tensor(self.valid, dtype=torch.bool)
+        if self.scores.shape != self.valid.shape or self.scores.dim() != 1:
+            raise ValueError(f"scores {tuple(self.scores.shape)} and valid "
+                             f"{tuple(self.valid.shape)} must both be [N]")
+
+
+class RewardFn(Protocol):
+    """A reward: ``(images, prompts, metadata) -> RewardOutput``."""
+
+    name: str
+
+    def __call__(self, images: list[Image.Image], prompts: list[str],
+                 metadata: list[dict[str, Any]]) -> RewardOutput: ...
+
+
+_REGISTRY: dict[str, Callable[..., RewardFn]] = {}
+
+
+def register_reward(name: str) -> Callable[[Callable[..., RewardFn]], Callable[..., RewardFn]]:
+    """Decorator: register a reward factory (a class or function returning a RewardFn)."""
+
+    def wrap(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"reward {name!r} registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def _load_builtin_rewards() -> None:
+    # Importing the modules runs their @register_reward decorators. Modules whose optional
+    # dependencies are missing still import: they only fail when the reward is built or called.
+    import importlib
+    import pkgutil
+
+    import stagerl.rewards as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name not in ("base", "__init__"):
+            importlib.import_module(f"stagerl.rewards.{mod.name}")
+
+
+def available_rewards() -> list[str]:
+    _load_builtin_rewards()
+    return sorted(_REGISTRY)
+
+
+def build_reward(name: str, **kwargs: Any) -> RewardFn:
+    """Build a registered reward; an unknown name is a UserError with the closest suggestion."""
+    names = available_rewards()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"unknown reward {name!r}.{hint} Available: {', '.join(names)}")
+    return _REGISTRY[name](**kwargs)
+
+
+class RewardSet:
+    """Several named rewards evaluated on the same batch -> a [N, K] matrix of columns.
+
+    Weights and the tied-column drop are applied later, in ``stagerl.algo.combine_rewards``.
+    """
+
+    def __init__(self, names: list[str], kwargs: dict[str, dict[str, Any]] | None = None):
+        kwargs = kwargs or {}
+        self.names = list(names)
+        self.fns = [build_reward(n, **dict(kwargs.get(n, {}))) for n in self.names]
+
+    def __call__(self, images: list[Image.Image], prompts: list[str],
+                 metadata: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        """Returns (scores [N, K], valid [N, K], details: N dicts keyed by reward name)."""
+        outs = [fn(images, prompts, metadata) for fn in self.fns]
+        scores = torch.stack([o.scores for o in outs], dim=1)
+        valid = torch.stack([o.valid for o in outs], dim=1)
+        details = [{n: (o.details[i] if i < len(o.details) else {})
+                    for n, o in zip(self.names, outs)} for i in range(len(images))]
+        return scores, valid, details
