@@ -1,0 +1,409 @@
+"""The built-in shapes-world policy: a tiny LlamaGen-style decoder-only transformer (issue 3).
+
+Design credit: LlamaGen (Sun et al. 2024, "Autoregressive Model Beats Diffusion") -- a plain
+decoder-only transformer over VQ image tokens in raster order, the condition as a prefix of the same
+sequence, classifier-free guidance learnt by dropping the condition to a null embedding during
+training and applied at sampling as ``u + s (c - u)``, and batching the two CFG branches as one
+batch of 2N rows. Llama-style pre-RMSNorm blocks with a SwiGLU MLP; learned absolute positions
+(enough for a fixed 8x8 grid; LlamaGen uses 2D RoPE).
+
+Sequence layout (fixed, so every row shares positions): ``T`` prompt slots, left-padded with
+``<pad>`` (pads are masked out as keys), then the image tokens. The hidden state at slot ``T - 1 + t``
+predicts image token ``t``. The unconditional branch is the "null prompt": a single ``<null>`` word,
+exactly what prompt dropout substitutes during pretraining.
+
+Distributions (policies/base.py): *behaviour* = guided logits / temperature, truncated by top-k /
+top-p; *scored* = conditional (``"cond"``) or guided with a detached unconditional branch (``"cfg"``)
+logits / temperature, never truncated.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+from stagerl.errors import UserError
+from stagerl.policies import PolicyPair, register_policy
+from stagerl.policies.base import (LOGPROB_MODES, PromptInputs, SampleOutput, SamplingParams,
+                                   TokenStats)
+from stagerl.worlds.shapes.tokenizer import PatchTokenizer
+
+log = logging.getLogger(__name__)
+
+_WEIGHTS, _CONFIG, _VOCAB = "model.safetensors", "config.json", "vocab.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt vocabulary
+
+
+class PromptVocab:
+    """Word-level prompt vocabulary: lower-cased alphanumeric words, ``<unk>`` for unseen ones."""
+
+    PAD, UNK, NULL = "<pad>", "<unk>", "<null>"
+
+    def __init__(self, words: list[str]) -> None:
+        if words[:3] != [self.PAD, self.UNK, self.NULL]:
+            raise ValueError("a PromptVocab word list must start with <pad>, <unk>, <null>")
+        self.words = list(words)
+        self.index = {w: i for i, w in enumerate(self.words)}
+
+    @staticmethod
+    def split(prompt: str) -> list[str]:
+        return re.findall(r"[a-z0-9]+", prompt.lower())
+
+    @classmethod
+    def build(cls, prompts: Iterable[str]) -> "PromptVocab":
+        """Vocabulary of every word in ``prompts`` (the training prompts), sorted for stability."""
+        seen = sorted({w for p in prompts for w in cls.split(p)})
+        return cls([cls.PAD, cls.UNK, cls.NULL] + seen)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def encode(self, prompts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids [N, length] and mask [N, length]; over-long prompts keep their first words."""
+        ids = torch.zeros(len(prompts), length, dtype=torch.long)  # <pad> = 0
+        mask = torch.zeros(len(prompts), length, dtype=torch.bool)
+        unk = self.index[self.UNK]
+        for i, prompt in enumerate(prompts):
+            words = self.split(prompt)
+            if len(words) > length:
+                log.warning("prompt has %d words, the model reads %d: %r", len(words), length, prompt)
+                words = words[:length]
+            if words:
+                ids[i, length - len(words):] = torch.tensor([self.index.get(w, unk) for w in words])
+                mask[i, length - len(words):] = True
+        return ids, mask
+
+    def null(self, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unconditional branch: ``<null>`` in the last slot, pads before it."""
+        ids = torch.zeros(n, length, dtype=torch.long)
+        mask = torch.zeros(n, length, dtype=torch.bool)
+        ids[:, -1] = self.index[self.NULL]
+        mask[:, -1] = True
+        return ids, mask
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class TinyConfig:
+    """Architecture of :class:`TinyPolicy` (saved as config.json next to the weights)."""
+
+    vocab_size: int = 512  # V: image codes (= the tokenizer's codebook size)
+    grid: list[int] = field(default_factory=lambda: [8, 8])  # (h, w) image-token grid
+    prompt_vocab_size: int = 64  # word vocabulary incl. <pad>, <unk>, <null>
+    prompt_len: int = 16  # T: prompt slots (prompts are left-padded to this)
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_hidden: int = 352  # SwiGLU hidden width (~ 8/3 d, Llama's ratio)
+
+
+class _KVCache:
+    """Preallocated keys/values for every layer: [layers, B, heads, S_max, head_dim]."""
+
+    def __init__(self, cfg: TinyConfig, batch: int, max_len: int, like: torch.Tensor) -> None:
+        hd = cfg.d_model // cfg.n_heads
+        shape = (cfg.n_layers, batch, cfg.n_heads, max_len, hd)
+        self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.v = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.length = 0  # filled positions
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg: TinyConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.norm1 = nn.RMSNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.norm2 = nn.RMSNorm(cfg.d_model)
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
+        """x [B, S, d]; attn_mask [B, 1, S, S_keys] bool; cache = (k, v, start) of this layer."""
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        if cache is not None:  # write this step's keys/values, then attend over everything so far
+            ck, cv, start = cache
+            ck[:, :, start:start + s] = k
+            cv[:, :, start:start + s] = v
+            k, v = ck[:, :, :start + s], cv[:, :, :start + s]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, S, hd]
+        x = x + self.proj(y.transpose(1, 2).reshape(b, s, d))
+        gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class TinyPolicy(nn.Module):
+    """Decoder-only transformer over [prompt words | image codes]; implements policies.base.Policy."""
+
+    def __init__(self, config: TinyConfig, tokenizer: PatchTokenizer, vocab: PromptVocab) -> None:
+        super().__init__()
+        if list(tokenizer.grid) != list(config.grid) or tokenizer.vocab_size != config.vocab_size:
+            raise ValueError("TinyConfig grid/vocab_size disagree with the tokenizer")
+        if len(vocab) != config.prompt_vocab_size:
+            raise ValueError("TinyConfig.prompt_vocab_size disagrees with the prompt vocabulary")
+        self.config, self.tokenizer, self.vocab = config, tokenizer, vocab
+        d = config.d_model
+        self.word_emb = nn.Embedding(config.prompt_vocab_size, d)
+        self.code_emb = nn.Embedding(config.vocab_size, d)
+        self.pos_emb = nn.Parameter(torch.zeros(config.prompt_len + self.num_image_tokens, d))
+        self.blocks = nn.ModuleList(_Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(d)
+        self.head = nn.Linear(d, config.vocab_size, bias=False)
+        # q_{i,t} lookup table, moved with the module; not a weight (it is the tokenizer's).
+        self.register_buffer("code_table", tokenizer.embedding_table(), persistent=False)  # [V, D]
+        # GPT-2 / LlamaGen-style N(0, 0.02) initialisation of every matrix (norm gains stay 1).
+        for p in self.parameters():
+            if p.ndim == 2:
+                nn.init.normal_(p, std=0.02)
+
+    # ---- protocol: shapes ----------------------------------------------------------------------
+    @property
+    def grid(self) -> tuple[int, int]:
+        return int(self.config.grid[0]), int(self.config.grid[1])
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.pos_emb.device
+
+    # ---- protocol: prompts ---------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> PromptInputs:
+        ids, mask = self.vocab.encode(list(prompts), self.config.prompt_len)
+        uids, umask = self.vocab.null(len(prompts), self.config.prompt_len)
+        dev = self.device
+        return PromptInputs(ids.to(dev), mask.to(dev), uids.to(dev), umask.to(dev))
+
+    # ---- core network --------------------------------------------------------------------------
+    def _run(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, image_in: torch.Tensor,
+             cache: _KVCache | None = None) -> torch.Tensor:
+        """Hidden states [B, S, d] of the new positions: the prompt (if the cache is empty) + image_in.
+
+        prompt_ids/mask [B, T]; image_in [B, S_img] codes already sampled. With a cache, only the
+        positions after ``cache.length`` are computed.
+        """
+        start = 0 if cache is None else cache.length
+        t_len = self.config.prompt_len
+        parts = [self.word_emb(prompt_ids)] if start == 0 else []
+        parts.append(self.code_emb(image_in))
+        x = torch.cat(parts, dim=1)  # [B, S_new, d]
+        s_new, s_all = x.shape[1], start + x.shape[1]
+        x = x + self.pos_emb[start:s_all]
+        key_ok = torch.ones(x.shape[0], s_all, dtype=torch.bool, device=x.device)
+        key_ok[:, :t_len] = prompt_mask.bool()
+        q_pos = torch.arange(start, s_all, device=x.device)
+        k_pos = torch.arange(s_all, device=x.device)
+        causal = k_pos[None, :] <= q_pos[:, None]  # [S_new, S_all]
+        # Every query also sees itself, so a pad slot's softmax is never over an empty set (NaN).
+        mask = (causal & key_ok[:, None, :]) | (k_pos[None, :] == q_pos[:, None])
+        mask = mask[:, None]  # [B, 1, S_new, S_all]
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i], start)
+            x = block(x, mask, layer_cache)
+        if cache is not None:
+            cache.length = s_all
+        return self.norm(x)
+
+    def image_hidden(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                     tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced final hidden states [N, L, d]; row t predicts image token t."""
+        h = self._run(prompt_ids, prompt_mask, tokens[:, :-1])
+        return h[:, self.config.prompt_len - 1:]
+
+    def image_logits(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                     tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced next-token logits [N, L, V] (used by pretraining's cross-entropy)."""
+        return self.head(self.image_hidden(prompt_ids, prompt_mask, tokens))
+
+    # ---- protocol: teacher-forced statistics ---------------------------------------------------
+    def _score_chunk(self, h_cond: torch.Tensor, h_uncond: torch.Tensor | None,
+                     tokens: torch.Tensor, cfg_scale: float, temperature: float) -> torch.Tensor:
+        """[N, C, d] hidden -> [2, N, C]: (log-prob of ``tokens``, full-vocabulary entropy)."""
+        logits = self.head(h_cond).float()  # [N, C, V]
+        if h_uncond is not None:
+            with torch.no_grad():  # "cfg" mode: the unconditional branch is a constant
+                u = self.head(h_uncond).float()
+            logits = u + cfg_scale * (logits - u)
+        logp = torch.log_softmax(logits / temperature, dim=-1)  # [N, C, V]
+        chosen = logp.gather(-1, tokens[..., None]).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return torch.stack([chosen, entropy])
+
+    def forward(self, inputs: PromptInputs, tokens: torch.Tensor, logprob_mode: str = "cond",
+                cfg_scale: float = 1.0, temperature: float = 1.0,
+                chunk_size: int = 0) -> TokenStats:
+        """Teacher-forced log-probs and entropies of ``tokens`` [N, L] under the scored distribution."""
+        if logprob_mode not in LOGPROB_MODES:
+            raise ValueError(f"logprob_mode must be one of {LOGPROB_MODES}, got {logprob_mode!r}")
+        h_cond = self.image_hidden(inputs.cond_ids, inputs.cond_mask, tokens)  # [N, L, d]
+        h_uncond = None
+        if logprob_mode == "cfg" and cfg_scale != 1.0:
+            with torch.no_grad():
+                h_uncond = self.image_hidden(inputs.uncond_ids, inputs.uncond_mask, tokens)
+        n_pos = tokens.shape[1]
+        step = chunk_size if chunk_size > 0 else n_pos
+        score = partial(self._score_chunk, cfg_scale=cfg_scale, temperature=temperature)
+        outs = []
+        for a in range(0, n_pos, step):
+            hu = None if h_uncond is None else h_uncond[:, a:a + step]
+            args = (h_cond[:, a:a + step], hu, tokens[:, a:a + step])
+            if chunk_size > 0 and torch.is_grad_enabled() and h_cond.requires_grad:
+                # Recompute the [N, C, V] logits in backward instead of keeping them for all L.
+                outs.append(checkpoint(score, *args, use_reentrant=False))
+            else:
+                outs.append(score(*args))
+        stats = torch.cat(outs, dim=-1)  # [2, N, L]
+        return TokenStats(logprobs=stats[0], entropy=stats[1])
+
+    # ---- protocol: sampling --------------------------------------------------------------------
+    @staticmethod
+    def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+        """Set logits outside the top-k / nucleus to -inf. logits [N, V]."""
+        if 0 < top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            drop = (probs.cumsum(-1) - probs) >= top_p  # mass before this token already >= p
+            drop[:, 0] = False
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return logits
+
+    @torch.no_grad()
+    def sample(self, inputs: PromptInputs, params: SamplingParams,
+               generator: torch.Generator | None = None, *, use_cache: bool = True) -> SampleOutput:
+        """CFG sampling; ``use_cache=False`` recomputes the whole prefix every step (for tests/bench)."""
+        if params.logprob_mode not in LOGPROB_MODES:
+            raise ValueError(f"logprob_mode must be one of {LOGPROB_MODES}")
+        n, n_tok, s = len(inputs), self.num_image_tokens, float(params.cfg_scale)
+        guided = s != 1.0
+        ids, mask = inputs.cond_ids, inputs.cond_mask
+        if guided:  # LlamaGen: both branches as one batch of 2N rows
+            ids, mask = torch.cat([ids, inputs.uncond_ids]), torch.cat([mask, inputs.uncond_mask])
+        dev = ids.device
+        tokens = torch.zeros(n, n_tok, dtype=torch.long, device=dev)
+        scored = torch.zeros(n, n_tok, device=dev)
+        behaviour = torch.zeros(n, n_tok, device=dev)
+        cache = (_KVCache(self.config, ids.shape[0], self.config.prompt_len + n_tok - 1,
+                          self.pos_emb) if use_cache else None)
+        empty = torch.zeros(ids.shape[0], 0, dtype=torch.long, device=dev)
+        h = self._run(ids, mask, empty, cache)[:, -1]
+        for t in range(n_tok):
+            if t > 0:
+                prev = tokens[:, t - 1:t] if use_cache else tokens[:, :t]
+                h = self._run(ids, mask, prev.repeat(2 if guided else 1, 1), cache)[:, -1]
+            logits = self.head(h).float()  # [B, V]
+            c = logits[:n]
+            g = logits[n:] + s * (c - logits[n:]) if guided else c
+            base = c if params.logprob_mode == "cond" else g
+            lp_scored = torch.log_softmax(base / params.temperature, dim=-1)
+            lp_beh = torch.log_softmax(self._truncate(g / params.temperature, params.top_k,
+                                                      params.top_p), dim=-1)
+            # Inverse-CDF draw: exactly one uniform per row per step, whatever the path (cache or not).
+            cdf = lp_beh.exp().cumsum(-1)
+            r = torch.rand(n, 1, generator=generator,
+                           device=generator.device if generator is not None else dev).to(dev)
+            tok = torch.searchsorted(cdf, r * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
+            tokens[:, t] = tok[:, 0]
+            scored[:, t] = lp_scored.gather(-1, tok)[:, 0]
+            behaviour[:, t] = lp_beh.gather(-1, tok)[:, 0]
+        return SampleOutput(tokens=tokens, logprobs=scored, behaviour_logprobs=behaviour)
+
+    # ---- protocol: codes and images ------------------------------------------------------------
+    def code_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, L] ids -> [N, L, D] L2-normalised codebook vectors (tokenizer.py explains D)."""
+        return self.code_table.float()[tokens]
+
+    def decode_array(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, L] ids -> uint8 [N, H, W, 3] (CPU)."""
+        return self.tokenizer.decode(tokens.detach().cpu())
+
+    def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
+        return [Image.fromarray(a) for a in self.decode_array(tokens).numpy()]
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write model.safetensors, config.json, vocab.json and tokenizer.safetensors to ``path``."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(out / _WEIGHTS), metadata={"format": "stagerl.tiny.v1"})
+        (out / _CONFIG).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+        (out / _VOCAB).write_text(json.dumps(self.vocab.words) + "\n")
+        self.tokenizer.save(out)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "TinyPolicy":
+        """Load a directory written by :meth:`save_pretrained`; UserError if it is not one."""
+        src = Path(path)
+        missing = [f for f in (_WEIGHTS, _CONFIG, _VOCAB) if not (src / f).is_file()]
+        if missing:
+            raise UserError(f"model.path {str(src)!r} is not a tiny-policy directory "
+                            f"(missing {', '.join(missing)})")
+        try:
+            config = TinyConfig(**json.loads((src / _CONFIG).read_text()))
+            vocab = PromptVocab(json.loads((src / _VOCAB).read_text()))
+            model = cls(config, PatchTokenizer.load(src), vocab)
+            model.load_state_dict(load_file(str(src / _WEIGHTS)))
+        except (TypeError, ValueError, RuntimeError, KeyError) as err:
+            raise UserError(f"model.path {str(src)!r}: cannot load the tiny policy ({err})") from err
+        return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry entry
+
+
+def shipped_model_dir() -> Path:
+    """Directory of the shipped shapes-world model (package data: stagerl/assets/shapes)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "shapes"
+
+
+def resolve_model_path(path: str) -> Path:
+    """``builtin:shapes`` -> the shipped model dir; anything else is a local directory."""
+    if path == "builtin:shapes":
+        return shipped_model_dir()
+    if path.startswith("builtin:"):
+        raise UserError(f"model.path: unknown built-in model {path!r} (known: builtin:shapes)")
+    return Path(path).expanduser()
+
+
+@register_policy("tiny")
+def build_tiny(model_cfg: Any, need_reference: bool) -> PolicyPair:
+    """Load the tiny policy from ``model_cfg.path``; the reference is a frozen deep copy."""
+    directory = resolve_model_path(str(model_cfg.path))
+    if not directory.is_dir():
+        raise UserError(f"model.path {str(directory)!r} does not exist or is not a directory")
+    policy = TinyPolicy.from_pretrained(directory)
+    policy.to(getattr(torch, str(getattr(model_cfg, "dtype", "float32"))))
+    reference = None
+    if need_reference:
+        reference = copy.deepcopy(policy).eval()
+        reference.requires_grad_(False)
+    return PolicyPair(policy=policy.train(), reference=reference)
