@@ -1,0 +1,40 @@
+"""The STAGE algorithm (arXiv 2509.25027) as pure tensor functions (architecture.md, principle 1).
+
+No nn.Module, no config objects, no I/O: tensors and numbers in, tensors and metric dicts out.
+Where each symbol of shared docs/method.md lives:
+
+| symbol                                   | function                                 |
+|------------------------------------------|------------------------------------------|
+| R_i = Σ_k w_k r_{k,i}, tied-column drop  | advantages.combine_rewards     (§1)      |
+| A_i = (R_i − mean_g R)/(std_g R + ε)     | advantages.group_advantages    (§1)      |
+| e_i, λ, max_only / all / off             | entropy.entropy_reward         (§2)      |
+| s_{ij,t}                                 | weights.pairwise_similarity    (§3.1)    |
+| P_i (fixed / parity), c̄_{i,t}            | weights.mean_opposite_similarity (§3.2-3)|
+| w_{i,t}, tied-group rule                 | weights.token_weights          (§3.4, 3.6)|
+| m_{i,t}                                  | weights.kl_weights             (§4)      |
+| KL_k1 / KL_k2 / KL_k3                    | kl.kl_divergence               (§4)      |
+| ρ, ε_low / ε_high, L_pg                  | losses.policy_loss             (§3.5)    |
+| β Σ m·KL / tokens                        | losses.kl_loss                 (§4)      |
+| L = L_pg + β·KL                          | losses.stage_loss                        |
+| Table 4 rows                             | presets.PRESETS                (§5)      |
+"""
+
+from stagerl.algo.advantages import CombinedRewards, combine_rewards, group_advantages
+from stagerl.algo.entropy import ENTROPY_MODES, entropy_reward, entropy_score
+from stagerl.algo.kl import KL_ESTIMATORS, kl_divergence, register_kl_estimator
+from stagerl.algo.losses import (LOSS_AGGREGATIONS, kl_loss, policy_loss, register_loss_agg,
+                                 stage_loss)
+from stagerl.algo.presets import PRESETS, get_preset
+from stagerl.algo.weights import (SIGN_ZERO_TOL, VARIANTS, apply_tied_rule, kl_weights,
+                                  mean_opposite_similarity, pairwise_similarity, partner_mask,
+                                  token_weights)
+
+__all__ = [
+    "CombinedRewards", "combine_rewards", "group_advantages",
+    "ENTROPY_MODES", "entropy_reward", "entropy_score",
+    "KL_ESTIMATORS", "kl_divergence", "register_kl_estimator",
+    "LOSS_AGGREGATIONS", "kl_loss", "policy_loss", "register_loss_agg", "stage_loss",
+    "PRESETS", "get_preset",
+    "SIGN_ZERO_TOL", "VARIANTS", "apply_tied_rule", "kl_weights", "mean_opposite_similarity",
+    "pairwise_similarity", "partner_mask", "token_weights",
+]

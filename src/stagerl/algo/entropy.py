@@ -1,0 +1,75 @@
+"""Entropy reward e_i, which holds the policy's entropy near the reference's (method.md §2).
+
+1. H̄_i = mean_t H_{i,t} and H̄^ref_i = mean_t H^ref_{i,t} on the sampled sequence o_i (the caller
+   averages; this module takes the [N] means);
+2. e_i = 1 / (1 + (H̄^ref_i − H̄_i)²), so e_i = 1 when the two entropies match;
+3. mode ``max_only`` (the authors'): only samples whose R_i equals the group maximum keep e_i, and
+   R_i ← R_i + λ·(e_i − mean of the kept e_j) for those samples only, λ = 0.4;
+4. mode ``all``: the same formula over every sample of the group; mode ``off``: no bonus.
+
+Why it stabilises (method.md §2.6): in a fully tied group every sample is a "max" sample and the
+group std is ~0, so after normalisation the tiny bonus becomes a full-size advantage that pulls the
+policy toward reference-like entropy.
+
+Everything is detached: the authors added the bonus from a tensor that still carried gradient, so
+some gradient leaked through the advantages. That leak was an accident and is not reproduced, not
+even by ``parity`` (method.md §1, last bullet).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from stagerl.algo._groups import group_max, group_sum, groups_of
+from stagerl.errors import UserError
+
+ENTROPY_MODES = ("off", "max_only", "all")
+
+
+def entropy_score(entropy_mean: Tensor, ref_entropy_mean: Tensor) -> Tensor:
+    """e_i = 1 / (1 + (H̄^ref_i − H̄_i)²)  [N], in (0, 1] (method.md §2.2)."""
+    diff = ref_entropy_mean.detach().float() - entropy_mean.detach().float()
+    return 1.0 / (1.0 + diff * diff)
+
+
+def entropy_reward(rewards: Tensor, entropy_mean: Tensor, ref_entropy_mean: Tensor,
+                   group_index: Tensor, mode: str = "max_only",
+                   coef: float = 0.4) -> tuple[Tensor, Tensor]:
+    """Add the entropy bonus to the combined rewards R_i (method.md §2).
+
+    Args:
+        rewards: [N] combined rewards R_i.
+        entropy_mean: [N] H̄_i, the policy's mean per-token entropy on sample i.
+        ref_entropy_mean: [N] H̄^ref_i, the reference's, on the same tokens.
+        group_index: [N] group label of each sample.
+        mode: "off", "max_only" (authors) or "all".
+        coef: λ (authors: 0.4).
+
+    Returns:
+        (R' [N], bonus [N]) with R' = R + bonus; both detached. ``bonus`` is exactly 0 where no
+        bonus was added (mode off, or a non-max sample under max_only).
+    """
+    if mode not in ENTROPY_MODES:
+        raise UserError(f"unknown entropy reward mode {mode!r}; choose from "
+                        f"{', '.join(ENTROPY_MODES)}")
+    rewards = rewards.detach()
+    n = rewards.numel()
+    for name, t in (("entropy_mean", entropy_mean), ("ref_entropy_mean", ref_entropy_mean)):
+        if t.shape != rewards.shape:
+            raise ValueError(f"{name} must be [N] = [{n}] like rewards, got {tuple(t.shape)}")
+    if mode == "off":
+        return rewards, torch.zeros_like(rewards)
+    g = groups_of(group_index, n)
+    e = entropy_score(entropy_mean, ref_entropy_mean).to(rewards.dtype)  # [N] e_i
+    if mode == "max_only":
+        # Exact equality is safe: the group max is one of the members' own values. Ties at the
+        # max all keep their e_i (a fully tied group keeps every sample).
+        kept = rewards == group_max(rewards, g)[g.inverse]  # [N] bool
+    else:
+        kept = torch.ones_like(rewards, dtype=torch.bool)
+    kept_f = kept.to(rewards.dtype)
+    # Mean over the kept e_j only; every group has >= 1 kept sample (its max), so no 0/0.
+    e_kept_mean = group_sum(e * kept_f, g) / group_sum(kept_f, g).clamp(min=1)  # [P]
+    bonus = torch.where(kept, coef * (e - e_kept_mean[g.inverse]), torch.zeros_like(e))
+    return rewards + bonus, bonus

@@ -1,0 +1,199 @@
+"""Policy-gradient loss, KL loss and their STAGE combination (method.md §3.5, §4).
+
+- ρ_{i,t} = exp(ℓ_{i,t} − ℓ^old_{i,t}); the authors take one update per rollout (ℓ^old = ℓ.detach(),
+  so ρ = 1 with the gradient of ℓ). Beyond the authors: PPO clipping (Schulman et al. 2017,
+  arXiv 1707.06347) with separate ε_low / ε_high ("clip-higher", DAPO, arXiv 2503.14476), for μ > 1
+  updates per rollout with ℓ^old saved at rollout time.
+- per-token surrogate: A_i·ρ_{i,t}, or min(A_i·ρ, A_i·clip(ρ, 1 − ε_low, 1 + ε_high)) when clipping;
+- aggregation (a registry, in the style of verl's ``agg_loss``):
+  - ``weighted_token_mean`` (STAGE): L_pg = −Σ w A ρ / (Σ w + 1e-6), over all tokens of the batch;
+  - ``token_mean``: −Σ w A ρ / (number of tokens);
+  - ``seq_mean``: the mean over sequences of each sequence's token mean (the original GRPO);
+  - ``constant`` (Dr. GRPO, arXiv 2503.20783): −Σ w A ρ / (N · C), C = ``constant_normalizer``
+    or L, so that the loss scale does not depend on how many tokens a batch holds.
+- KL term: β · Σ m·KL / (number of tokens), m the KL weights (method.md §4).
+
+Token weights w, KL weights m and advantages A are constants (detached); the gradient flows through
+ℓ only. Metrics are plain floats, gathered with a single device sync.
+
+Shapes: N sequences, L tokens each. ``mask`` [N, L] marks real tokens (all, for fixed-size images).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from stagerl.algo.kl import kl_divergence
+from stagerl.errors import UserError
+
+#: (token_loss [N, L], weights w·mask [N, L], mask [N, L] float, constant_normalizer) -> scalar
+Aggregation = Callable[[Tensor, Tensor, Tensor, Optional[float]], Tensor]
+LOSS_AGGREGATIONS: dict[str, Aggregation] = {}
+WEIGHT_SUM_EPS = 1e-6  # the 1e-6 of method.md §3.5's denominator
+
+
+def register_loss_agg(name: str) -> Callable[[Aggregation], Aggregation]:
+    def wrap(fn: Aggregation) -> Aggregation:
+        LOSS_AGGREGATIONS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_loss_agg("weighted_token_mean")
+def _weighted_token_mean(tok: Tensor, w: Tensor, mask: Tensor, c: Optional[float]) -> Tensor:
+    return (w * tok).sum() / (w.sum() + WEIGHT_SUM_EPS)
+
+
+@register_loss_agg("token_mean")
+def _token_mean(tok: Tensor, w: Tensor, mask: Tensor, c: Optional[float]) -> Tensor:
+    return (w * tok).sum() / mask.sum().clamp(min=1.0)
+
+
+@register_loss_agg("seq_mean")
+def _seq_mean(tok: Tensor, w: Tensor, mask: Tensor, c: Optional[float]) -> Tensor:
+    per_seq = (w * tok).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [N]
+    n_seq = (mask.sum(dim=1) > 0).sum().clamp(min=1)  # sequences with at least one token
+    return per_seq.sum() / n_seq
+
+
+@register_loss_agg("constant")
+def _constant(tok: Tensor, w: Tensor, mask: Tensor, c: Optional[float]) -> Tensor:
+    n, length = tok.shape
+    return (w * tok).sum() / (n * (c if c is not None else length))
+
+
+def _floats(metrics: dict[str, Tensor]) -> dict[str, float]:
+    """Tensor metrics -> plain floats with one device sync (one stack, one ``tolist``)."""
+    if not metrics:
+        return {}
+    values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()]).tolist()
+    return dict(zip(metrics, values))
+
+
+def _mask_of(like: Tensor, mask: Optional[Tensor]) -> Tensor:
+    if mask is None:
+        return torch.ones_like(like, dtype=torch.bool)
+    if mask.shape != like.shape:
+        raise ValueError(f"mask must be {tuple(like.shape)}, got {tuple(mask.shape)}")
+    return mask.bool()
+
+
+def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor,
+                 token_weights: Optional[Tensor], clip_eps_low: Optional[float],
+                 clip_eps_high: Optional[float], agg: str, mask: Optional[Tensor],
+                 constant_normalizer: Optional[float]) -> tuple[Tensor, dict[str, Tensor]]:
+    if agg not in LOSS_AGGREGATIONS:
+        raise UserError(f"unknown loss aggregation {agg!r}; choose from "
+                        f"{', '.join(LOSS_AGGREGATIONS)}")
+    if clip_eps_low is None and clip_eps_high is not None:
+        raise UserError("clip_eps_high is set but clip_eps_low is not; set clip_eps_low to clip")
+    if logp.shape != old_logp.shape or logp.dim() != 2:
+        raise ValueError(f"logp {tuple(logp.shape)} and old_logp {tuple(old_logp.shape)} must "
+                         "both be [N, L]")
+    real = _mask_of(logp, mask)  # [N, L] bool
+    adv = advantages.detach().float()
+    adv = adv[:, None] if adv.dim() == 1 else adv  # [N, 1] (or [N, L] per-token advantages)
+    ratio = torch.exp(logp.float() - old_logp.detach().float())  # [N, L] ρ
+    surrogate = adv * ratio  # [N, L] A·ρ
+    clipped = torch.zeros_like(real)
+    if clip_eps_low is not None:
+        eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
+        surrogate_clipped = adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + eps_high)
+        clipped = surrogate_clipped < surrogate  # where the clipped (gradient-free) branch wins
+        surrogate = torch.minimum(surrogate, surrogate_clipped)
+    # torch.where, not a product: a padded token's −inf/NaN log-prob must not reach the sum.
+    token_loss = torch.where(real, -surrogate, torch.zeros_like(surrogate))  # [N, L]
+    mask_f = real.float()
+    w = mask_f if token_weights is None else token_weights.detach().float() * mask_f  # [N, L]
+    loss = LOSS_AGGREGATIONS[agg](token_loss, w, mask_f, constant_normalizer)
+    with torch.no_grad():
+        n_tok = mask_f.sum().clamp(min=1.0)
+        r = ratio.detach()
+        log_r = r.log()
+        metrics = {
+            "clip_frac": (clipped & real).float().sum() / n_tok,
+            "ratio_mean": (r * mask_f).sum() / n_tok,
+            "ratio_max": torch.where(real, r, torch.zeros_like(r)).max(),
+            "ratio_min": torch.where(real, r, torch.full_like(r, float("inf"))).min(),
+            # ½(log ρ)² (k2): how far this update moved from the rollout policy.
+            "approx_kl": torch.where(real, 0.5 * log_r * log_r, torch.zeros_like(r)).sum() / n_tok,
+            "w_mean": w.sum() / n_tok,
+        }
+    return loss, metrics
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor,
+                token_weights: Optional[Tensor] = None, *, clip_eps_low: Optional[float] = None,
+                clip_eps_high: Optional[float] = None, agg: str = "weighted_token_mean",
+                mask: Optional[Tensor] = None,
+                constant_normalizer: Optional[float] = None) -> tuple[Tensor, dict[str, float]]:
+    """L_pg from ℓ [N, L], ℓ^old [N, L], A [N] and token weights w [N, L] (method.md §3.5).
+
+    ``clip_eps_low`` = None disables clipping; ``clip_eps_high`` defaults to ``clip_eps_low``.
+    ``token_weights`` = None means w = 1. Returns (scalar loss, metrics: clip_frac, ratio_mean,
+    ratio_max, ratio_min, approx_kl, w_mean).
+    """
+    loss, metrics = _policy_loss(logp, old_logp, advantages, token_weights, clip_eps_low,
+                                 clip_eps_high, agg, mask, constant_normalizer)
+    return loss, _floats(metrics)
+
+
+def _kl_loss(kl: Tensor, kl_weights: Optional[Tensor], beta: float,
+             mask: Optional[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    real = _mask_of(kl, mask)
+    kl = torch.where(real, kl.float(), torch.zeros_like(kl, dtype=torch.float32))  # [N, L] KL
+    mask_f = real.float()
+    m = mask_f if kl_weights is None else kl_weights.detach().float() * mask_f  # [N, L] m
+    n_tok = mask_f.sum().clamp(min=1.0)
+    weighted = (m * kl).sum() / n_tok  # Σ m·KL / number of tokens
+    # β = 0 returns an exact 0, not 0·KL: an inf KL would otherwise turn the loss into NaN.
+    loss = beta * weighted if beta > 0 else weighted.new_zeros(())
+    metrics = {"mean": kl.detach().sum() / n_tok, "weighted_mean": weighted.detach(),
+               "max": kl.detach().max(), "m_mean": m.sum() / n_tok}
+    return loss, metrics
+
+
+def kl_loss(kl: Tensor, kl_weights: Optional[Tensor], beta: float,
+            mask: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
+    """β · Σ_{i,t} m_{i,t}·KL_{i,t} / (number of tokens)  (method.md §4).
+
+    ``kl_weights`` = None is the plain, unweighted KL (m = 1). Returns (scalar loss, metrics: mean
+    and max of the unweighted KL, weighted_mean = Σ m·KL / tokens, m_mean).
+    """
+    loss, metrics = _kl_loss(kl, kl_weights, beta, mask)
+    return loss, _floats(metrics)
+
+
+def stage_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, *,
+               ref_logp: Optional[Tensor] = None, token_weights: Optional[Tensor] = None,
+               kl_weights: Optional[Tensor] = None, beta: float = 0.0, kl_estimator: str = "k3",
+               clip_eps_low: Optional[float] = None, clip_eps_high: Optional[float] = None,
+               agg: str = "weighted_token_mean", mask: Optional[Tensor] = None,
+               constant_normalizer: Optional[float] = None) -> tuple[Tensor, dict[str, float]]:
+    """L = L_pg + β · Σ m·KL / tokens, with namespaced metrics (method.md §3.5, §4).
+
+    ``ref_logp`` [N, L] is needed when β > 0; when given with β = 0 the KL to the reference is still
+    measured (logged, not optimised), since the ``wo_kl`` rows keep a reference for the entropy
+    reward. Metrics: loss/{total,pg,kl}, policy/{clip_frac,ratio_mean,ratio_max,ratio_min,
+    approx_kl}, kl/{mean,weighted_mean,max}, algo/{w_mean,m_mean}.
+    """
+    if beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probs)")
+    pg, pg_metrics = _policy_loss(logp, old_logp, advantages, token_weights, clip_eps_low,
+                                  clip_eps_high, agg, mask, constant_normalizer)
+    metrics = {f"policy/{k}": v for k, v in pg_metrics.items() if k != "w_mean"}
+    metrics["algo/w_mean"] = pg_metrics["w_mean"]
+    total = pg
+    kl_term = pg.new_zeros(())
+    if ref_logp is not None:
+        kl = kl_divergence(logp, ref_logp, kl_estimator)  # [N, L]
+        kl_term, kl_metrics = _kl_loss(kl, kl_weights, beta, mask)
+        metrics.update({f"kl/{k}": v for k, v in kl_metrics.items() if k != "m_mean"})
+        metrics["algo/m_mean"] = kl_metrics["m_mean"]
+        total = pg + kl_term
+    metrics.update({"loss/total": total, "loss/pg": pg, "loss/kl": kl_term})
+    return total, _floats(metrics)
