@@ -154,7 +154,8 @@ class LogConfig:
     image_every: int = _f(20, "Write a prompt-labelled image grid every N steps; 0 = never.", min=0)
     eval_every: int = _f(0, "Run the held-out evaluation every N steps; 0 = only before and after.",
                          min=0)
-    eval_prompts: int = _f(200, "Held-out prompts for in-run evaluation.", min=1)
+    eval_prompts: int = _f(200, "Held-out prompts for the before/after evaluation (shapes sources "
+                           "only); 0 = no evaluation.", min=0)
     eval_images_per_prompt: int = _f(4, "Images per held-out prompt.", min=1)
     eval_suite: str = _f("heldout", "Shapes suite for in-run evaluation (see `stagerl eval --help`).")
     progress: bool = _f(True, "Show a progress bar with ETA.")
@@ -202,6 +203,10 @@ def field_help() -> list[tuple[str, str, str]]:
 
 
 def _suggest(key: str) -> str:
+    if "." not in key:  # a section name
+        sections = [f.name for f in dataclasses.fields(Config)]
+        close = difflib.get_close_matches(key, sections, n=1, cutoff=0.5)
+        return f" Did you mean '{close[0]}'?" if close else f" Sections: {', '.join(sections)}"
     close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
     if not close:  # try the last component against every leaf name
         leaf = key.split(".")[-1]

@@ -1,0 +1,3 @@
+from stagerl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""Prompt sources: the procedural shapes world, or prompt files (txt, GenEval jsonl, csv).
+
+A source is indexed by *position* (prompts consumed so far), so the prompts of any training step are
+a pure function of (seed, step): resuming needs no iterator state, and every process draws its own
+disjoint slice of the same global batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stagerl.errors import UserError
+
+
+@dataclass
+class PromptItem:
+    prompt: str
+    metadata: dict[str, Any]  # GenEval schema where known, else {"prompt": prompt}
+
+
+class PromptSource:
+    """Abstract: ``batch(position, n) -> n PromptItems`` starting at global ``position``."""
+
+    def batch(self, position: int, n: int) -> list[PromptItem]:
+        raise NotImplementedError
+
+
+class ShapesSource(PromptSource):
+    """Fresh procedural prompts from the shapes world, seeded per position (never repeats an index)."""
+
+    def __init__(self, split: str, seed: int, spec: Any = None):
+        from stagerl.worlds.shapes.prompts import SPLITS
+        from stagerl.worlds.shapes.spec import WorldSpec
+
+        if split not in SPLITS:
+            raise UserError(f"data.source: unknown shapes split {split!r}; choose from "
+                            f"{', '.join(SPLITS)}")
+        self.split, self.seed, self.spec = split, seed, spec or WorldSpec()
+
+    def batch(self, position: int, n: int) -> list[PromptItem]:
+        from stagerl.worlds.shapes.prompts import generate
+
+        # One generator call per prompt keeps prompt `position + k` independent of n.
+        out = []
+        for k in range(n):
+            ex = generate(1, seed=_mix(self.seed, position + k), spec=self.spec, split=self.split)[0]
+            out.append(PromptItem(ex.prompt, ex.metadata))
+        return out
+
+
+class FileSource(PromptSource):
+    """A finite prompt list, reshuffled every epoch with a seeded permutation."""
+
+    def __init__(self, items: list[PromptItem], seed: int, shuffle: bool = True):
+        if not items:
+            raise UserError("prompt file holds no prompts")
+        self.items, self.seed, self.shuffle = items, seed, shuffle
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.items)))
+        if self.shuffle:
+            random.Random(_mix(self.seed, epoch)).shuffle(order)
+        return order
+
+    def batch(self, position: int, n: int) -> list[PromptItem]:
+        out, size = [], len(self.items)
+        for p in range(position, position + n):
+            out.append(self.items[self._order(p // size)[p % size]])
+        return out
+
+
+def _mix(seed: int, k: int) -> int:
+    """A deterministic 63-bit mix of (seed, k) (splitmix64-style constants)."""
+    x = (seed * 0x9E3779B97F4A7C15 + k * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (1 << 64)
+    x ^= x >> 31
+    return x % (1 << 63)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt files
+
+
+def load_prompt_file(path: str | Path) -> list[PromptItem]:
+    """Read .txt (one prompt a line), .jsonl (objects with "prompt"; GenEval metadata) or .csv
+    (a "prompt"/"Prompts" column; DrawBench). Malformed input raises UserError with the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"prompt file not found: {path}")
+    suffix = p.suffix.lower()
+    text = p.read_text(encoding="utf-8")
+    if suffix == ".jsonl":
+        return _read_jsonl(text, str(path))
+    if suffix == ".csv":
+        return _read_csv(text, str(path))
+    return [PromptItem(line.strip(), {"prompt": line.strip()})
+            for line in text.splitlines() if line.strip()]
+
+
+def _read_jsonl(text: str, name: str) -> list[PromptItem]:
+    items = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{name}:{i}: malformed JSON ({err.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise UserError(f"{name}:{i}: expected an object with a string 'prompt' field")
+        items.append(PromptItem(obj["prompt"], obj))
+    return items
+
+
+def _read_csv(text: str, name: str) -> list[PromptItem]:
+    rows = list(csv.DictReader(text.splitlines()))
+    if not rows:
+        raise UserError(f"{name}: empty CSV")
+    col = next((c for c in rows[0] if c and c.strip().lower() in ("prompt", "prompts")), None)
+    if col is None:
+        raise UserError(f"{name}: no 'prompt' or 'Prompts' column (found {list(rows[0])})")
+    cat = next((c for c in rows[0] if c and c.strip().lower() == "category"), None)
+    return [PromptItem(r[col], {"prompt": r[col], **({"tag": r[cat]} if cat else {})})
+            for r in rows if r.get(col)]
+
+
+def build_source(source: str, seed: int, shuffle: bool = True) -> PromptSource:
+    """``shapes:<split>`` or a prompt-file path (see :func:`load_prompt_file`)."""
+    if source.startswith("shapes:"):
+        return ShapesSource(source.split(":", 1)[1], seed)
+    return FileSource(load_prompt_file(source), seed, shuffle)

@@ -1,0 +1,312 @@
+"""STAGE GRPO training loop: rollout -> update, on accelerate. Reads top to bottom.
+
+One step = one rollout of P prompts x G samples (split across processes by whole groups), then
+``algo.updates_per_rollout`` optimisation passes over it. See docs/method.md sections cited inline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stagerl import algo
+from stagerl.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from stagerl.config import Config, needs_reference, to_yaml
+from stagerl.data import _mix, build_source
+from stagerl.errors import UserError
+from stagerl.policies import build_policy
+from stagerl.rewards.base import RewardSet
+from stagerl.rollout import Rollout, rollout
+from stagerl.tracking import Tracker, image_grid
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(UserError):
+    """Raised when too many consecutive steps had to be skipped."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    skipped: int
+    eval_before: dict[str, Any] | None
+    eval_after: dict[str, Any] | None
+    seconds: float
+
+
+def train(cfg: Config, progress: Any = None) -> TrainResult:
+    """Run STAGE/GRPO training as configured. ``progress`` is an optional tqdm-like factory."""
+    t_start = time.perf_counter()
+    accelerator = _make_accelerator(cfg)
+    run_dir = _run_dir(cfg)
+    torch.manual_seed(cfg.run.seed)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+
+    # --- model, optimiser, schedule, rewards, prompts ------------------------------------------
+    pair = build_policy(cfg.model, need_reference=needs_reference(cfg))
+    policy, reference = pair.policy, pair.reference
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("model: no trainable parameters (check model.train_modules / model.lora)")
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    model, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    policy = accelerator.unwrap_model(model)
+    if reference is not None:
+        reference.to(accelerator.device)
+    rewards = RewardSet(list(cfg.reward.names), dict(cfg.reward.kwargs))
+    source = build_source(cfg.data.source, cfg.run.seed, cfg.data.shuffle)
+    prompts_local = _local_prompts(cfg, accelerator.num_processes)
+
+    # --- run directory, resume -----------------------------------------------------------------
+    state = TrainerState()
+    ckpt_root = run_dir / "checkpoints"
+    if cfg.run.resume and (ckpt := latest_checkpoint(ckpt_root)) is not None:
+        state = load_checkpoint(accelerator, ckpt)
+        log.info("resumed from %s (step %d)", ckpt, state.step)
+    elif cfg.run.resume:
+        log.warning("run.resume=true but no complete checkpoint in %s; starting fresh", ckpt_root)
+    main = accelerator.is_main_process
+    if main:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    tracker = Tracker(run_dir, cfg.log.tensorboard, cfg.log.wandb, cfg.log.wandb_project,
+                      enabled=main)
+    eval_before = _evaluate(cfg, policy, accelerator, tracker, state.step, "before") \
+        if state.step == 0 else _read_eval(run_dir, "before")
+
+    # --- the loop ------------------------------------------------------------------------------
+    bar = progress(total=cfg.run.steps, initial=state.step, disable=not main) if progress else None
+    while state.step < cfg.run.steps:
+        step = state.step
+        first = state.data_position + accelerator.process_index * prompts_local
+        items = source.batch(first, prompts_local)
+        gen = torch.Generator(device="cpu").manual_seed(
+            _mix(cfg.run.seed, step * 1009 + accelerator.process_index))
+        t0 = time.perf_counter()
+        ro = rollout(policy, reference, items, first, rewards, cfg, gen, train_forward=model)
+        t1 = time.perf_counter()
+        metrics = update(model, ro, optimizer, scheduler, accelerator, cfg)
+        t2 = time.perf_counter()
+        state.step += 1
+        state.data_position += prompts_local * accelerator.num_processes
+        skipped = metrics is None
+        state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
+        state.total_skips += int(skipped)
+        metrics = _gather_metrics(accelerator, {**ro.metrics, **(metrics or {})})
+        metrics.update({"perf/rollout_s": t1 - t0, "perf/update_s": t2 - t1,
+                        "perf/samples_per_s": len(ro) * accelerator.num_processes / (t2 - t0),
+                        "optim/lr": scheduler.get_last_lr()[0], "train/skipped": float(skipped)})
+        if step % cfg.log.every == 0 or state.step == cfg.run.steps:
+            tracker.log(state.step, metrics)
+        if main and cfg.log.image_every and (step % cfg.log.image_every == 0):
+            _log_grid(tracker, ro, state.step, cfg.sampling.group_size)
+        if state.consecutive_skips >= cfg.run.max_consecutive_skips:
+            tracker.close()
+            raise TrainingStopped(
+                f"stopped at step {state.step}: {state.consecutive_skips} consecutive steps had a "
+                f"non-finite reward or loss (see {run_dir / 'metrics.jsonl'}); lower optim.lr or "
+                f"check the reward")
+        if cfg.log.eval_every and state.step % cfg.log.eval_every == 0 \
+                and state.step < cfg.run.steps:
+            _evaluate(cfg, policy, accelerator, tracker, state.step, f"step{state.step}")
+        if cfg.run.save_every and state.step % cfg.run.save_every == 0:
+            save_checkpoint(accelerator, ckpt_root, state, to_yaml(cfg))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics.get('reward/total/mean', float('nan')):.3f}",
+                            kl=f"{metrics.get('policy/kl_k3', 0.0):.4f}")
+    if bar is not None:
+        bar.close()
+
+    # --- the end: checkpoint, export, evaluate ---------------------------------------------------
+    if latest_checkpoint(ckpt_root) != ckpt_root / f"step_{state.step:06d}":
+        save_checkpoint(accelerator, ckpt_root, state, to_yaml(cfg))
+    if main:
+        policy.save_pretrained(str(run_dir / "final"))
+    eval_after = _evaluate(cfg, policy, accelerator, tracker, state.step, "after")
+    tracker.close()
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, state.step, state.total_skips, eval_before, eval_after,
+                       time.perf_counter() - t_start)
+
+
+def update(model: Any, ro: Rollout, optimizer: Any, scheduler: Any, accelerator: Any,
+           cfg: Config) -> dict[str, float] | None:
+    """mu passes of (micro-batched) policy-gradient + KL steps on one rollout (method.md §3-§4).
+
+    Returns metrics, or None when a non-finite reward/loss/gradient made the step a skip (no
+    parameter changes; issue 4). Every process reaches the same decision.
+    """
+    if not _all_finite(accelerator, ro.rewards, ro.reward_columns):
+        log.warning("non-finite reward; step skipped")
+        return None
+    a, N = cfg.algo, len(ro)
+    chunks = torch.arange(N).chunk(min(cfg.optim.grad_accum, N))
+    w_all, tok_all = ro.token_weights.sum(), float(ro.token_weights.numel())
+    sums: dict[str, float] = {}
+    for _ in range(a.updates_per_rollout):
+        optimizer.zero_grad(set_to_none=True)
+        for k, idx in enumerate(chunks):
+            with _maybe_no_sync(accelerator, model, last=k == len(chunks) - 1):
+                loss, mets = _micro_loss(model, ro, idx, cfg, w_all, tok_all, accelerator)
+                if not _all_finite(accelerator, loss.detach()):
+                    optimizer.zero_grad(set_to_none=True)
+                    log.warning("non-finite loss; step skipped")
+                    return None
+                accelerator.backward(loss)
+            for key, v in mets.items():
+                sums[key] = sums.get(key, 0.0) + v / (len(chunks) * a.updates_per_rollout)
+        grad_norm = _clip(accelerator, model, cfg.optim.grad_clip)
+        if not math.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            log.warning("non-finite gradient norm; step skipped")
+            return None
+        optimizer.step()
+        sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + grad_norm / a.updates_per_rollout
+    scheduler.step()
+    return sums
+
+
+def _micro_loss(model: Any, ro: Rollout, idx: torch.Tensor, cfg: Config, w_all: torch.Tensor,
+                tok_all: float, accelerator: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one micro-batch, scaled so that the micro-batches add up to the full-batch loss."""
+    a, s = cfg.algo, cfg.sampling
+    with accelerator.autocast():
+        stats = model(ro.inputs.select(idx), ro.tokens[idx], logprob_mode=s.logprob_mode,
+                      cfg_scale=s.cfg_scale, temperature=s.temperature, chunk_size=s.logprob_chunk)
+    logp = stats.logprobs.float()
+    w = ro.token_weights[idx]
+    pg, mets = algo.policy_loss(logp, ro.old_logprobs[idx], ro.advantages[idx], w,
+                                clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high,
+                                agg=a.loss_agg)
+    share_tok = idx.numel() * ro.tokens.shape[1] / tok_all
+    if a.loss_agg == "weighted_token_mean":  # -Σ w A ρ / Σ w over the *whole* batch (§3.5)
+        share_pg = float(w.sum() / w_all) if float(w_all) > 0 else 0.0
+    elif a.loss_agg == "token_mean":
+        share_pg = share_tok
+    else:  # seq_mean and constant normalise per sequence
+        share_pg = idx.numel() / len(ro)
+    loss = pg * share_pg
+    mets = {f"loss/{k}" if "/" not in k else k: float(v) for k, v in mets.items()}
+    mets["loss/pg"] = float(pg.detach())
+    if a.beta > 0 and ro.ref_logprobs is not None:  # §4: β Σ m KL / #tokens
+        kl = algo.kl_divergence(logp, ro.ref_logprobs[idx], a.kl_estimator)
+        kl_term, kl_mets = algo.kl_loss(kl, ro.kl_weights[idx], a.beta)
+        loss = loss + kl_term * share_tok
+        mets["loss/kl"] = float(kl_term.detach())
+        mets["policy/kl"] = float(kl.detach().mean())
+    mets["loss/total"] = float(loss.detach())
+    return loss, mets
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers: accelerate, schedule, metrics, evaluation.
+
+
+def _make_accelerator(cfg: Config) -> Any:
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=cfg.run.cpu, mixed_precision=cfg.run.mixed_precision)
+
+
+def _run_dir(cfg: Config) -> Path:
+    name = cfg.run.name or f"{cfg.algo.preset or 'custom'}-seed{cfg.run.seed}"
+    path = Path(cfg.run.out_dir) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _local_prompts(cfg: Config, world: int) -> int:
+    P = cfg.sampling.prompts_per_step
+    if P % world:
+        raise UserError(f"sampling.prompts_per_step={P} must be divisible by the number of "
+                        f"processes ({world}) so that groups never split across processes")
+    return P // world
+
+
+def lr_lambda(cfg: Config):
+    """Warmup then constant / linear-to-0 / cosine-to-0 (the paper: linear, no warmup)."""
+    warm, total, kind = cfg.optim.warmup_steps, cfg.run.steps, cfg.optim.schedule
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        if kind == "linear":
+            return 1.0 - frac
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * frac))
+        return 1.0
+
+    return f
+
+
+def _maybe_no_sync(accelerator: Any, model: Any, last: bool):
+    import contextlib
+
+    return contextlib.nullcontext() if last else accelerator.no_sync(model)
+
+
+def _clip(accelerator: Any, model: Any, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if max_norm > 0:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _all_finite(accelerator: Any, *tensors: torch.Tensor) -> bool:
+    ok = torch.tensor(float(all(bool(torch.isfinite(t).all()) for t in tensors)),
+                      device=accelerator.device)
+    return bool(accelerator.reduce(ok, reduction="sum") >= accelerator.num_processes - 0.5) \
+        if accelerator.num_processes > 1 else bool(ok)
+
+
+def _gather_metrics(accelerator: Any, metrics: dict[str, float]) -> dict[str, float]:
+    """Mean of every scalar metric over processes (all processes log the same keys)."""
+    if accelerator.num_processes == 1:
+        return dict(metrics)
+    keys = sorted(metrics)
+    vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    vals = accelerator.reduce(vals, reduction="mean")
+    return {k: float(v) for k, v in zip(keys, vals.tolist())}
+
+
+def _log_grid(tracker: Tracker, ro: Rollout, step: int, G: int) -> None:
+    n = min(len(ro), 4 * G)
+    labels = [f"{ro.prompts[i]} | R={float(ro.rewards[i]):.2f}" for i in range(n)]
+    tracker.image(step, "rollout", image_grid(ro.images[:n], labels, cols=G))
+
+
+def _evaluate(cfg: Config, policy: Any, accelerator: Any, tracker: Tracker, step: int,
+              tag: str) -> dict[str, Any] | None:
+    """Held-out shapes evaluation (strict GenEval rules) on the main process."""
+    if cfg.log.eval_prompts == 0 or not cfg.data.source.startswith("shapes:"):
+        return None
+    result = None
+    if accelerator.is_main_process:
+        from stagerl.eval import evaluate_shapes
+
+        result = evaluate_shapes(policy, suite=cfg.log.eval_suite, n_prompts=cfg.log.eval_prompts,
+                                 images_per_prompt=cfg.log.eval_images_per_prompt,
+                                 cfg_scale=cfg.sampling.cfg_scale, seed=1234)
+        tracker.log(step, {f"eval/{k}": v for k, v in result["strict"].items()})
+        (tracker.run_dir / f"eval_{tag}.json").write_text(json.dumps(result, indent=1))
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _read_eval(run_dir: Path, tag: str) -> dict[str, Any] | None:
+    p = run_dir / f"eval_{tag}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
