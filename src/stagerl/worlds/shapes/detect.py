@@ -1,0 +1,140 @@
+"""The exact detection back end: turn a shapes-world image into GenEval Detections.
+
+Steps (issue 3's evaluator design, measured there at ~0.3 ms per image):
+1. snap every pixel to the nearest palette colour (background included) within
+   ``spec.color_tolerance``; farther pixels are "unknown";
+2. 4-connected components of equal snapped colour, by vectorised min-label propagation with
+   pointer jumping (no scipy dependency);
+3. a component is a clean object when its box fits the size range and its mask matches the ideal
+   shape of that box (render.shape_mask) with IoU >= ``spec.min_shape_iou``; the best-matching
+   shape is its class. Matching against the ideal mask, rather than thresholding the fill ratio
+   alone, keeps circle (fill ~0.8) and square (1.0) apart even when a few edge pixels are off.
+Components smaller than ``spec.min_fragment_pixels`` are ignored speckle; any other component that
+is not a clean object (or is off-palette) is a *fragment*, which fails the strict verdict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from stagerl.rewards.geneval_rules import Detection
+from stagerl.worlds.shapes.render import ShapeObject, shape_mask
+from stagerl.worlds.shapes.spec import WorldSpec
+
+
+@dataclass
+class Fragment:
+    """A component that is not a clean object."""
+
+    color: str | None  # snapped colour name, None for off-palette pixels
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1), exclusive ends
+    pixels: int
+    why: str
+
+
+@dataclass
+class SceneParse:
+    """What the exact detector saw in one image."""
+
+    detections: list[Detection]  # clean objects, raster order of their first pixel
+    fragments: list[Fragment] = field(default_factory=list)
+    speckle_pixels: int = 0  # pixels in ignored components below min_fragment_pixels
+
+
+def objects_to_detections(objects: Sequence[ShapeObject]) -> list[Detection]:
+    """Ground-truth detections of drawn objects (what a perfect detector reports)."""
+    return [Detection(o.shape, tuple(float(v) for v in o.box), 1.0, o.color) for o in objects]
+
+
+def snap_colors(image: np.ndarray, spec: WorldSpec) -> np.ndarray:
+    """[H, W, 3] uint8 -> [H, W] int: 0 background, 1..K = spec.colors, K+1 = unknown."""
+    ref = np.array([spec.background_rgb, *spec.palette.values()], dtype=np.int32)  # [K+1, 3]
+    pix = image.reshape(-1, 1, 3).astype(np.int32)  # [HW, 1, 3]
+    d2 = ((pix - ref[None]) ** 2).sum(-1)  # [HW, K+1]
+    idx = d2.argmin(axis=1)
+    idx[d2[np.arange(len(idx)), idx] > spec.color_tolerance ** 2] = len(ref)
+    return idx.reshape(image.shape[:2])
+
+
+def label_components(classes: np.ndarray) -> np.ndarray:
+    """4-connected components of equal non-zero class -> [H, W] labels (-1 for class 0).
+
+    Each component's label is the flat index of its first pixel in raster order: labels start as
+    the own index and repeatedly take the minimum over same-class neighbours, then jump to the
+    label of their label (pointer jumping, which makes long snakes converge in few rounds).
+    """
+    h, w = classes.shape
+    fg = classes != 0
+    big = h * w
+    lab = np.where(fg, np.arange(big).reshape(h, w), big)  # [H, W]
+    link_x = fg[:, :-1] & (classes[:, :-1] == classes[:, 1:])  # [H, W-1] joins (y,x)-(y,x+1)
+    link_y = fg[:-1, :] & (classes[:-1, :] == classes[1:, :])  # [H-1, W] joins (y,x)-(y+1,x)
+    flat_fg = fg.ravel()
+    while True:
+        new = lab.copy()
+        np.minimum(new[:, :-1], np.where(link_x, lab[:, 1:], big), out=new[:, :-1])
+        np.minimum(new[:, 1:], np.where(link_x, lab[:, :-1], big), out=new[:, 1:])
+        np.minimum(new[:-1, :], np.where(link_y, lab[1:, :], big), out=new[:-1, :])
+        np.minimum(new[1:, :], np.where(link_y, lab[:-1, :], big), out=new[1:, :])
+        flat = new.ravel()
+        flat[flat_fg] = flat[flat[flat_fg]]  # pointer jumping
+        if np.array_equal(new, lab):
+            break
+        lab = new
+    return np.where(fg, lab, -1)
+
+
+def _classify(crop: np.ndarray, spec: WorldSpec) -> tuple[str | None, float]:
+    """Best-matching shape of a component mask [h, w] and its IoU with the ideal shape."""
+    h, w = crop.shape
+    area = crop.sum()
+    best, best_iou = None, -1.0
+    for shape in spec.shapes:
+        ideal = shape_mask(shape, w, h)
+        inter = np.count_nonzero(crop & ideal)
+        iou = inter / (area + np.count_nonzero(ideal) - inter)
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return best, best_iou
+
+
+def parse_image(image: np.ndarray, spec: WorldSpec = WorldSpec()) -> SceneParse:
+    """Detect clean objects and fragments in a uint8 [H, W, 3] shapes-world image."""
+    classes = snap_colors(image, spec)
+    labels = label_components(classes)
+    fg = labels >= 0
+    ids = labels[fg]
+    ys, xs = np.nonzero(fg)
+    roots, inv = np.unique(ids, return_inverse=True)
+    n = len(roots)
+    size = np.bincount(inv, minlength=n)
+    x0 = np.full(n, image.shape[1]); y0 = np.full(n, image.shape[0])  # noqa: E702
+    x1 = np.zeros(n, dtype=np.int64); y1 = np.zeros(n, dtype=np.int64)  # noqa: E702
+    np.minimum.at(x0, inv, xs); np.minimum.at(y0, inv, ys)  # noqa: E702
+    np.maximum.at(x1, inv, xs + 1); np.maximum.at(y1, inv, ys + 1)  # noqa: E702
+    names = (None, *spec.colors, None)  # class index -> colour name (unknown -> None)
+    lo, hi = spec.object_size[0] - spec.size_slack, spec.object_size[1] + spec.size_slack
+    out = SceneParse(detections=[])
+    for i, root in enumerate(roots):
+        box = (int(x0[i]), int(y0[i]), int(x1[i]), int(y1[i]))
+        color = names[classes.flat[root]]
+        if size[i] < spec.min_fragment_pixels:
+            out.speckle_pixels += int(size[i])
+            continue
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        if color is None:
+            why = "off-palette colour"
+        elif not (lo <= bw <= hi and lo <= bh <= hi and abs(bw - bh) <= spec.size_slack):
+            why = f"box {bw}x{bh} outside object sizes"
+        else:
+            crop = labels[box[1]:box[3], box[0]:box[2]] == root  # [bh, bw]
+            shape, iou = _classify(crop, spec)
+            if shape is not None and iou >= spec.min_shape_iou:
+                out.detections.append(Detection(shape, tuple(float(v) for v in box), 1.0, color))
+                continue
+            why = f"no clean shape (best {shape} IoU {iou:.2f})"
+        out.fragments.append(Fragment(color, box, int(size[i]), why))
+    return out
