@@ -204,7 +204,8 @@ def _reward_terms(groups: dict[str, list[Detection]], includes: list[Clause],
     - else colour: 1 - |n - found_with_colour|/n;
     - position (when the count matched): ``fixed`` 1 if the relation holds for every pair else 0;
       ``parity`` appends 0 *and* 1 on failure (only when colour also passed, as the original).
-    ``fixed`` also appends 1/0 per exclude clause when ``honour_exclude``; ``parity`` ignores them.
+    ``fixed`` with ``honour_exclude`` appends a 0 per *violated* exclude clause (a satisfied one adds
+    nothing, so an empty image earns no credit for "fewer than n+1"); ``parity`` ignores them.
     """
     fixed = variant == "fixed"
     terms: list[float] = []
@@ -236,7 +237,7 @@ def _reward_terms(groups: dict[str, list[Detection]], includes: list[Clause],
             matched = matched and holds
         matched_groups.append(found if matched else None)
     if fixed and honour_exclude:
-        terms.extend(1.0 if len(groups.get(r.cls, [])) < r.count else 0.0 for r in excludes)
+        terms.extend(0.0 for r in excludes if len(groups.get(r.cls, [])) >= r.count)
     all_exact = all(g is not None for g in matched_groups)
     return terms, all_exact
 
