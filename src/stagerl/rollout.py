@@ -151,7 +151,7 @@ def score_rollout(ro: Rollout, cfg: Any, names: list[str]) -> None:
     else:
         ro.token_weights = torch.where(tied_for_rule[:, None], 0.0,
                                        torch.ones_like(ro.c_bar))
-    ro.kl_weights = algo.kl_weights(ro.c_bar) if a.kl_reweight else torch.ones_like(ro.c_bar)
+    ro.kl_weights = algo.kl_weights(ro.c_bar, tied_for_rule) if a.kl_reweight else torch.ones_like(ro.c_bar)
     ro.metrics.update(_reward_metrics(ro, names, valid, group_tied))
 
 

@@ -41,6 +41,7 @@ class TrainResult:
     eval_before: dict[str, Any] | None
     eval_after: dict[str, Any] | None
     seconds: float
+    policy: Any = None  # the trained (unwrapped) policy, for programmatic use
 
 
 def train(cfg: Config, progress: Any = None) -> TrainResult:
@@ -138,7 +139,7 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
     tracker.close()
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, state.step, state.total_skips, eval_before, eval_after,
-                       time.perf_counter() - t_start)
+                       time.perf_counter() - t_start, policy)
 
 
 def update(model: Any, ro: Rollout, optimizer: Any, scheduler: Any, accelerator: Any,
@@ -217,7 +218,11 @@ def _micro_loss(model: Any, ro: Rollout, idx: torch.Tensor, cfg: Config, w_all: 
 def _make_accelerator(cfg: Config) -> Any:
     from accelerate import Accelerator
 
-    return Accelerator(cpu=cfg.run.cpu, mixed_precision=cfg.run.mixed_precision)
+    # Without a GPU, accelerate only sets up gloo multi-process training (torchrun / accelerate
+    # launch --multi_gpu on CPU, platform.md) when told it runs on the CPU.
+    has_accel = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) \
+        or torch.backends.mps.is_available()
+    return Accelerator(cpu=cfg.run.cpu or not has_accel, mixed_precision=cfg.run.mixed_precision)
 
 
 def _run_dir(cfg: Config) -> Path:
