@@ -18,6 +18,7 @@ _DELEGATED = {
     "pretrain": ("stagerl.worlds.shapes.pretrain", "Pretrain the shapes-world tokenizer and model."),
     "reward-server": ("stagerl.rewards.server", "Serve registered rewards over HTTP."),
     "merge-lora": ("stagerl.policies.janus", "Merge a LoRA checkpoint into a full Janus model."),
+    "study": ("stagerl.study", "Run the STAGE-vs-GRPO reproduction study on the shapes world."),
 }
 
 
