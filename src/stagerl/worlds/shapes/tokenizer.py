@@ -81,15 +81,21 @@ class PatchTokenizer:
             patch: int = 4) -> "PatchTokenizer":
         """Codebook = the ``codebook_size`` most frequent distinct patches of ``images`` [N, H, W, 3].
 
-        Ties in frequency are broken by the patch bytes, so the result is deterministic.
+        Ties in frequency are broken by the patch bytes, so the result is deterministic. When the
+        images hold fewer distinct patches than ``codebook_size`` (the default world has ~420 on its
+        2-px object grid), every one is kept and reconstruction of in-distribution renders is exact.
         """
         images = torch.as_tensor(np.asarray(images), dtype=torch.uint8)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images [N, H, W, 3], got shape {tuple(images.shape)}")
-        patches = _to_patches(images, patch).reshape(-1, patch * patch * 3)  # [N*L, D]
-        uniq, counts = np.unique(patches.numpy(), axis=0, return_counts=True)  # sorted by bytes
+        dim = patch * patch * 3
+        patches = np.ascontiguousarray(_to_patches(images, patch).reshape(-1, dim).numpy())
+        # One opaque D-byte item per patch: a 1-D unique is ~20x faster than np.unique(axis=0).
+        keys = patches.view(np.dtype((np.void, dim))).ravel()  # [N*L]
+        uniq, counts = np.unique(keys, return_counts=True)  # sorted by bytes
         order = np.argsort(-counts, kind="stable")[:codebook_size]
-        codebook = torch.from_numpy(uniq[order].copy()).reshape(-1, patch, patch, 3)
+        codes = np.frombuffer(uniq[order].tobytes(), dtype=np.uint8).reshape(-1, patch, patch, 3)
+        codebook = torch.from_numpy(codes.copy())
         return cls(codebook, (int(images.shape[1]), int(images.shape[2])), patch)
 
     # ------------------------------------------------------------------------------------------
