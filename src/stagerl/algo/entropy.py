@@ -29,7 +29,10 @@ ENTROPY_MODES = ("off", "max_only", "all")
 
 def entropy_score(entropy_mean: Tensor, ref_entropy_mean: Tensor) -> Tensor:
     """e_i = 1 / (1 + (H̄^ref_i − H̄_i)²)  [N], in (0, 1] (method.md §2.2)."""
-    diff = ref_entropy_mean.detach().float() - entropy_mean.detach().float()
+    # At least fp32 (bf16 entropies are too coarse for e_i near 1); fp64 stays fp64.
+    dtype = torch.promote_types(torch.promote_types(entropy_mean.dtype, ref_entropy_mean.dtype),
+                                torch.float32)
+    diff = ref_entropy_mean.detach().to(dtype) - entropy_mean.detach().to(dtype)
     return 1.0 / (1.0 + diff * diff)
 
 
