@@ -159,7 +159,8 @@ def test_two_training_steps_change_only_the_language_model() -> None:
     cfg = ModelConfig(kind="janus", tiny_random=True, gradient_checkpointing=True)
     pair = build_policy(cfg, need_reference=True)
     policy, ref = pair.policy, pair.reference
-    assert policy.grid == (16, 16)  # the builder's tiny model: 16x16 grid, 64 px
+    assert policy.grid == (8, 8)  # the builder's tiny model: 8x8 grid, 32 px (shapes canvas)
+    assert policy.decode(torch.zeros(1, 64, dtype=torch.long))[0].size == (32, 32)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     ref_before = {n: p.detach().clone() for n, p in ref.named_parameters()}
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}

@@ -35,6 +35,10 @@ from stagerl.errors import UserError
 from stagerl.policies import PolicyPair, register_policy
 from stagerl.policies.base import (LOGPROB_MODES, PromptInputs, SampleOutput, SamplingParams,
                                    TokenStats)
+from stagerl.policies.janus_lora import add_cli_args, merge_lora, run_cli  # `stagerl merge-lora`
+
+__all__ = ["JanusPolicy", "JanusReferenceView", "build_janus", "load_janus", "set_trainable",
+           "merge_lora", "add_cli_args", "run_cli", "JANUS_PRO_TEMPLATE"]
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +408,12 @@ def load_janus(path: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
         processor = AutoProcessor.from_pretrained(path)
     except Exception:  # a checkpoint without processor files: the tokenizer is enough to sample
         log.warning("no processor found at %s; using its tokenizer only", path)
-        processor = AutoTokenizer.from_pretrained(path)
+        try:
+            processor = AutoTokenizer.from_pretrained(path)
+        except Exception as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"model.path: no Janus processor or tokenizer at {path!r}: {first}"
+                            ) from None
     return model, processor
 
 
@@ -463,6 +472,7 @@ def build_janus(model_cfg: Any, need_reference: bool) -> PolicyPair:
             import copy
 
             reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    policy.train()  # activation checkpointing only recomputes in training mode (Janus has no dropout)
     n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     log.info("janus policy: %d parameters, %d trainable, grid %s, lora=%s",
              sum(p.numel() for p in policy.parameters()), n_train, policy.grid, model_cfg.lora)

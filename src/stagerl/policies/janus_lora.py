@@ -73,6 +73,7 @@ def save_adapter(policy: Any, path: str, state_dict: dict[str, torch.Tensor] | N
         plain.load_state_dict(_base_state_dict(policy.core))
         plain.generation_config = policy.core.generation_config
         plain.save_pretrained(base_dir)
+        policy.processor.save_pretrained(base_dir)
         base, recorded = BASE_SUBDIR, os.path.abspath(base_dir)
     else:
         recorded = base

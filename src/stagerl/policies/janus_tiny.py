@@ -52,11 +52,12 @@ def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
         extra_special_tokens={"image_token": IMAGE, "boi_token": BOI, "eoi_token": EOI})
 
 
-def tiny_janus_config(tokenizer: PreTrainedTokenizerFast, grid: int = 16, hidden: int = 32,
+def tiny_janus_config(tokenizer: PreTrainedTokenizerFast, grid: int = 8, hidden: int = 32,
                       layers: int = 2, codebook: int = 128) -> JanusConfig:
     """A JanusConfig whose image-token grid is ``grid x grid`` and whose images are ``4 * grid`` px.
 
-    Defaults: 16x16 grid -> 64 px images, about 0.9M parameters (mostly the VQ decoder).
+    Defaults: 8x8 grid -> 32 px images, the shapes world's canvas (worlds/shapes/spec.py), so the
+    exact shapes rewards can score them; about 0.9M parameters (mostly the VQ decoder).
     """
     patch = 2
     return JanusConfig(
@@ -86,7 +87,7 @@ def generation_config_for(tokenizer: PreTrainedTokenizerFast, guidance_scale: fl
         generation_kwargs={"boi_token_id": tokenizer.convert_tokens_to_ids(BOI)})
 
 
-def build_tiny_janus(seed: int = 0, grid: int = 16, hidden: int = 32, layers: int = 2,
+def build_tiny_janus(seed: int = 0, grid: int = 8, hidden: int = 32, layers: int = 2,
                      codebook: int = 128) -> tuple[JanusForConditionalGeneration, JanusProcessor]:
     """A tiny random Janus and its processor. The weights depend only on ``seed`` (the global RNG
     is left untouched)."""
