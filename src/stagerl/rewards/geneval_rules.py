@@ -17,6 +17,7 @@ authors' server tested ``'color' in clause`` and so mis-scored Hugging Face rows
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -108,14 +109,17 @@ def relative_position(box_a: Sequence[float], box_b: Sequence[float]) -> set[str
     offset = centre_A - centre_B; each axis shrinks towards 0 by 0.1 * (size_A + size_B), never
     past 0; ~0 means no relation; else divide by the *original* offset's norm and threshold at 0.5.
     """
-    a = np.asarray(box_a, dtype=np.float64).reshape(2, 2)  # [[x0, y0], [x1, y1]]
-    b = np.asarray(box_b, dtype=np.float64).reshape(2, 2)
-    offset = a.mean(axis=0) - b.mean(axis=0)  # [2] (dx, dy)
-    dims = np.abs(a[1] - a[0]) + np.abs(b[1] - b[0])  # [2] size_A + size_B per axis
-    shrunk = np.maximum(np.abs(offset) - POSITION_THRESHOLD * dims, 0.0) * np.sign(offset)
-    if np.all(np.abs(shrunk) < 1e-3):
+    # Plain floats: this runs per object pair inside the reward loop, where numpy's per-call
+    # overhead on 2-vectors would dominate.
+    ax0, ay0, ax1, ay1 = map(float, box_a)
+    bx0, by0, bx1, by1 = map(float, box_b)
+    off = ((ax0 + ax1 - bx0 - bx1) / 2, (ay0 + ay1 - by0 - by1) / 2)  # centre_A - centre_B
+    dims = (abs(ax1 - ax0) + abs(bx1 - bx0), abs(ay1 - ay0) + abs(by1 - by0))  # size_A + size_B
+    shrunk = [math.copysign(max(abs(o) - POSITION_THRESHOLD * d, 0.0), o) for o, d in zip(off, dims)]
+    if all(abs(v) < 1e-3 for v in shrunk):
         return set()
-    dx, dy = shrunk / np.linalg.norm(offset)
+    norm = math.hypot(*off)
+    dx, dy = shrunk[0] / norm, shrunk[1] / norm
     rels = set()
     if dx < -0.5:
         rels.add("left of")

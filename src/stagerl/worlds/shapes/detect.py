@@ -71,38 +71,57 @@ def snap_colors(image: np.ndarray, spec: WorldSpec) -> np.ndarray:
     return idx.reshape(image.shape[:2])
 
 
+@dataclass
+class _Runs:
+    """Horizontal runs of equal class in a flattened [H, W] class map, with component labels."""
+
+    starts: np.ndarray  # [R] flat index of each run's first pixel
+    lengths: np.ndarray  # [R] pixels per run
+    run_of: np.ndarray  # [HW] run index of every pixel
+    fg: np.ndarray  # [R] bool, run is not background
+    label: np.ndarray  # [R] component label (flat index of its first pixel); HW for background
+
+
 def label_components(classes: np.ndarray) -> np.ndarray:
-    """4-connected components of equal non-zero class -> [H, W] labels (-1 for class 0).
+    """4-connected components of equal non-zero class -> [H, W] labels (-1 for class 0)."""
+    h, w = classes.shape
+    runs = _label_runs(classes)
+    return np.where(classes.ravel() != 0, runs.label[runs.run_of], -1).reshape(h, w)
+
+
+def _label_runs(classes: np.ndarray) -> _Runs:
+    """Label 4-connected components run by run.
 
     Each component's label is the flat index of its first pixel in raster order. Pixels are first
-    grouped into horizontal runs of equal class; runs then repeatedly take the minimum label over
-    the runs touching them vertically, and jump to their label's own label (pointer jumping), until
-    nothing changes. Convex shapes converge in two or three rounds.
+    grouped into horizontal runs of equal class (a few dozen per image); runs joined by a vertical
+    same-class link then repeatedly take the minimum label across each link, and jump to their
+    label's own label (pointer jumping), until nothing changes. Convex shapes converge in two or
+    three rounds, and every round works on runs and links, not on pixels.
     """
     h, w = classes.shape
     c = classes.ravel()
     big = h * w
     fg = c != 0
     same_left = np.zeros(big, dtype=bool)
-    same_left[1:] = (c[1:] == c[:-1]) & fg[1:]
+    same_left[1:] = c[1:] == c[:-1]
     same_left[::w] = False  # a run never wraps around to the next row
-    start = ~same_left  # [HW] True where a run starts (background pixels are one-pixel runs)
-    starts = np.flatnonzero(start)  # [R]
+    start = ~same_left  # [HW] True where a run starts
+    starts = np.flatnonzero(start)  # [R] first pixel of each run
     run_of = np.cumsum(start) - 1  # [HW] run index of every pixel
-    run_lab = np.where(fg[starts], starts, big)  # [R] label per run
-    link = fg[:-w] & (c[:-w] == c[w:])  # [HW - W] pixel p joins p + w
+    run_fg = fg[starts]  # [R]
+    linked = np.flatnonzero(fg[:-w] & (c[:-w] == c[w:]))  # [E] pixel p joins p + w
+    upper, lower = run_of[linked], run_of[linked + w]  # [E] run indices at both ends
+    run_lab = np.where(run_fg, starts, big)  # [R] label per run
     while True:
-        lab = run_lab[run_of]  # [HW]
-        cand = lab.copy()
-        np.minimum(cand[:-w], np.where(link, lab[w:], big), out=cand[:-w])
-        np.minimum(cand[w:], np.where(link, lab[:-w], big), out=cand[w:])
-        new = np.minimum.reduceat(cand, starts)  # [R] min over each run
-        ok = new < big
-        new[ok] = new[run_of[new[ok]]]  # pointer jumping: a label's run may have a smaller one
+        new = run_lab.copy()
+        np.minimum.at(new, upper, run_lab[lower])
+        np.minimum.at(new, lower, run_lab[upper])
+        new[run_fg] = new[run_of[new[run_fg]]]  # pointer jumping through the label's own run
         if not (new != run_lab).any():
             break
         run_lab = new
-    return np.where(fg, run_lab[run_of], -1).reshape(h, w)
+    lengths = np.diff(np.append(starts, big))
+    return _Runs(starts, lengths, run_of, run_fg, run_lab)
 
 
 def _classify(crop: np.ndarray, spec: WorldSpec) -> tuple[str | None, float]:
@@ -122,17 +141,19 @@ def _classify(crop: np.ndarray, spec: WorldSpec) -> tuple[str | None, float]:
 def parse_image(image: np.ndarray, spec: WorldSpec = WorldSpec()) -> SceneParse:
     """Detect clean objects and fragments in a uint8 [H, W, 3] shapes-world image."""
     classes = snap_colors(image, spec)
-    labels = label_components(classes)
-    fg = labels >= 0
-    ids = labels[fg]
-    ys, xs = np.nonzero(fg)
-    roots, inv = np.unique(ids, return_inverse=True)
+    w = classes.shape[1]
+    runs = _label_runs(classes)
+    labels = np.where(classes.ravel() != 0, runs.label[runs.run_of], -1).reshape(classes.shape)
+    # Component statistics from the (few) foreground runs rather than from pixels.
+    starts, lengths = runs.starts[runs.fg], runs.lengths[runs.fg]  # [R']
+    roots, inv = np.unique(runs.label[runs.fg], return_inverse=True)  # [n], [R']
     n = len(roots)
-    size = np.bincount(inv, minlength=n)
-    x0 = np.full(n, image.shape[1]); y0 = np.full(n, image.shape[0])  # noqa: E702
+    size = np.bincount(inv, weights=lengths, minlength=n).astype(np.int64)
+    ry, rx0 = np.divmod(starts, w)
+    x0 = np.full(n, w); y0 = np.full(n, classes.shape[0])  # noqa: E702
     x1 = np.zeros(n, dtype=np.int64); y1 = np.zeros(n, dtype=np.int64)  # noqa: E702
-    np.minimum.at(x0, inv, xs); np.minimum.at(y0, inv, ys)  # noqa: E702
-    np.maximum.at(x1, inv, xs + 1); np.maximum.at(y1, inv, ys + 1)  # noqa: E702
+    np.minimum.at(x0, inv, rx0); np.minimum.at(y0, inv, ry)  # noqa: E702
+    np.maximum.at(x1, inv, rx0 + lengths); np.maximum.at(y1, inv, ry + 1)  # noqa: E702
     names = (None, *spec.colors, None)  # class index -> colour name (unknown -> None)
     lo, hi = spec.object_size[0] - spec.size_slack, spec.object_size[1] + spec.size_slack
     out = SceneParse(detections=[])
