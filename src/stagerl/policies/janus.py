@@ -20,6 +20,7 @@ vocabulary, H hidden size, D VQ code dimension.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -35,7 +36,8 @@ from stagerl.errors import UserError
 from stagerl.policies import PolicyPair, register_policy
 from stagerl.policies.base import (LOGPROB_MODES, PromptInputs, SampleOutput, SamplingParams,
                                    TokenStats)
-from stagerl.policies.janus_lora import add_cli_args, merge_lora, run_cli  # `stagerl merge-lora`
+from stagerl.policies.janus_lora import (JanusReferenceView, add_cli_args, merge_lora,  # noqa: F401
+                                        run_cli)  # add_cli_args/run_cli: `stagerl merge-lora`
 
 __all__ = ["JanusPolicy", "JanusReferenceView", "build_janus", "load_janus", "set_trainable",
            "merge_lora", "add_cli_args", "run_cli", "JANUS_PRO_TEMPLATE"]
@@ -98,6 +100,23 @@ def _stats(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, to
     picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1)
     return picked, entropy
+
+
+def gathered(module: nn.Module) -> contextlib.AbstractContextManager:
+    """All-gather ``module``'s parameters while inside, when DeepSpeed ZeRO-3 has partitioned them.
+
+    ZeRO-3 gathers a module's weights only around that module's own ``forward``; sampling,
+    ``decode_image_tokens`` (which reads ``embedding.weight.shape`` outside any forward) and the
+    codebook lookup run outside the engine's forward. Gathering once per call also avoids one
+    all-gather per layer per image token during sampling. A no-op without ZeRO-3 (``ds_id`` marks
+    its parameters). Not exercised here: no GPU/DeepSpeed in CI (docs/janus.md).
+    """
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 class JanusPolicy(nn.Module):
@@ -240,11 +259,16 @@ class JanusPolicy(nn.Module):
         no position_ids, raw-logit CFG ``u + s (c - u)``, then temperature, then truncation.
         With the same seed and ``top_k=0`` it draws the same tokens (tests/test_janus.py).
         """
-        from transformers import DynamicCache
-
         if params.logprob_mode not in LOGPROB_MODES:
             raise UserError(f"sampling.logprob_mode: expected one of {LOGPROB_MODES}, "
                             f"got {params.logprob_mode!r}")
+        with gathered(self.core):
+            return self._sample(inputs, params, generator)
+
+    def _sample(self, inputs: PromptInputs, params: SamplingParams,
+                generator: torch.Generator | None) -> SampleOutput:
+        from transformers import DynamicCache
+
         n, length = len(inputs), self.num_image_tokens
         guided = params.cfg_scale != 1.0 or params.logprob_mode == "cfg"
         ids, mask = inputs.cond_ids, inputs.cond_mask.long()
@@ -280,8 +304,10 @@ class JanusPolicy(nn.Module):
     @torch.no_grad()
     def code_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
         """[N, L] ids -> [N, L, D] fp32 L2-normalised VQ codebook vectors (method.md §3)."""
-        codebook = self.core.model.vqmodel.quantize.embedding.weight  # [V, D]
-        return F.normalize(codebook[tokens].float(), dim=-1)
+        embedding = self.core.model.vqmodel.quantize.embedding
+        with gathered(embedding):
+            codes = embedding.weight[tokens]  # [N, L, D], codebook [V, D]
+        return F.normalize(codes.float(), dim=-1)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
@@ -289,7 +315,8 @@ class JanusPolicy(nn.Module):
 
         (platform.md: ``processor.postprocess`` fails on HWC pixels, so convert ourselves.)
         """
-        pixels = self.core.decode_image_tokens(tokens)  # [N, px, px, 3] about [-1, 1]
+        with gathered(self.core.model.vqmodel):
+            pixels = self.core.decode_image_tokens(tokens)  # [N, px, px, 3] about [-1, 1]
         u8 = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
         return [Image.fromarray(a, mode="RGB") for a in u8]
 
@@ -313,58 +340,6 @@ class JanusPolicy(nn.Module):
         else:
             self.core.save_pretrained(path, state_dict=inner)
         self.processor.save_pretrained(path)
-
-
-class JanusReferenceView:
-    """The LoRA reference policy: the same weights with the adapter disabled (platform.md, peft).
-
-    Not an ``nn.Module`` on purpose: it owns no parameters, so ``reference.requires_grad_(False)``
-    or ``.to(device)`` by a trainer cannot touch the policy's adapter weights. ``bind(module)`` lets
-    a trainer route calls through the prepared (DDP / DeepSpeed) wrapper of the policy instead.
-    """
-
-    def __init__(self, policy: JanusPolicy) -> None:
-        if not policy.is_lora:
-            raise ValueError("JanusReferenceView needs a LoRA policy")
-        self.policy = policy
-        self._call: Any = policy
-
-    def bind(self, module: Any) -> "JanusReferenceView":
-        """Call ``module(...)`` (a prepared wrapper of the policy) instead of the bare policy."""
-        self._call = module
-        return self
-
-    def forward(self, inputs: PromptInputs, tokens: torch.Tensor, logprob_mode: str = "cond",
-                cfg_scale: float = 1.0, temperature: float = 1.0,
-                chunk_size: int = 0) -> TokenStats:
-        with torch.no_grad(), self.policy.model.disable_adapter():
-            return self._call(inputs, tokens, logprob_mode=logprob_mode, cfg_scale=cfg_scale,
-                              temperature=temperature, chunk_size=chunk_size)
-
-    __call__ = forward
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.policy.grid
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self.policy.num_image_tokens
-
-    def parameters(self) -> Any:
-        return iter(())
-
-    def eval(self) -> "JanusReferenceView":
-        return self
-
-    def train(self, mode: bool = True) -> "JanusReferenceView":
-        return self
-
-    def to(self, *args: Any, **kwargs: Any) -> "JanusReferenceView":
-        return self
-
-    def requires_grad_(self, requires_grad: bool = True) -> "JanusReferenceView":
-        return self
 
 
 # ---- what trains ---------------------------------------------------------------------------------
@@ -455,6 +430,13 @@ def build_janus(model_cfg: Any, need_reference: bool) -> PolicyPair:
     if model_cfg.dtype not in _DTYPES:
         raise UserError(f"model.dtype: expected one of {', '.join(_DTYPES)}, got {model_cfg.dtype!r}")
     model, processor, base = _base_model(model_cfg, _DTYPES[model_cfg.dtype])
+    if model_cfg.dtype != "float32" and not model_cfg.lora \
+            and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        # DeepSpeed keeps fp32 master weights for bf16 params; plain AdamW on bf16 params does not,
+        # and updates of lr 5e-6 mostly round away (bf16 has 8 significant bits).
+        log.warning("model.dtype=%s with full fine-tuning outside DeepSpeed: the optimizer updates "
+                    "%s weights directly; prefer model.dtype=float32 + run.mixed_precision=bf16",
+                    model_cfg.dtype, model_cfg.dtype)
     if model_cfg.gradient_checkpointing:
         _enable_checkpointing(model)
     if model_cfg.lora:

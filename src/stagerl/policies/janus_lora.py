@@ -1,4 +1,4 @@
-"""LoRA for Janus through peft: wrap, save adapters, reload, merge (issue 5, item 3).
+"""LoRA for Janus through peft: wrap, reference view, save adapters, reload, merge (issue 5, item 3).
 
 - Target modules are one regex over module names; the default (``ModelConfig.lora_target_modules``)
   hits only the language model's attention and MLP projections. Plain names such as ``q_proj``
@@ -23,11 +23,64 @@ import torch
 from torch import nn
 
 from stagerl.errors import UserError
+from stagerl.policies.base import PromptInputs, TokenStats
 
 log = logging.getLogger(__name__)
 
 NOTE_FILE = "stagerl_lora.json"
 BASE_SUBDIR = "base_model"
+
+
+class JanusReferenceView:
+    """The LoRA reference policy: the same weights with the adapter disabled (platform.md, peft).
+
+    Not an ``nn.Module`` on purpose: it owns no parameters, so ``reference.requires_grad_(False)``
+    or ``.to(device)`` by a trainer cannot touch the policy's adapter weights. ``bind(module)`` lets
+    a trainer route calls through the prepared (DDP / DeepSpeed) wrapper of the policy instead.
+    """
+
+    def __init__(self, policy: Any) -> None:
+        if not policy.is_lora:
+            raise ValueError("JanusReferenceView needs a LoRA policy")
+        self.policy = policy
+        self._call: Any = policy
+
+    def bind(self, module: Any) -> "JanusReferenceView":
+        """Call ``module(...)`` (a prepared wrapper of the policy) instead of the bare policy."""
+        self._call = module
+        return self
+
+    def forward(self, inputs: PromptInputs, tokens: torch.Tensor, logprob_mode: str = "cond",
+                cfg_scale: float = 1.0, temperature: float = 1.0,
+                chunk_size: int = 0) -> TokenStats:
+        with torch.no_grad(), self.policy.model.disable_adapter():
+            return self._call(inputs, tokens, logprob_mode=logprob_mode, cfg_scale=cfg_scale,
+                              temperature=temperature, chunk_size=chunk_size)
+
+    __call__ = forward
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.policy.grid
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.policy.num_image_tokens
+
+    def parameters(self) -> Any:
+        return iter(())
+
+    def eval(self) -> "JanusReferenceView":
+        return self
+
+    def train(self, mode: bool = True) -> "JanusReferenceView":
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> "JanusReferenceView":
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> "JanusReferenceView":
+        return self
 
 
 def add_lora(model: nn.Module, model_cfg: Any) -> nn.Module:
