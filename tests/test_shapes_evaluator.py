@@ -78,6 +78,8 @@ def test_pil_and_array_inputs_agree_and_bad_sizes_raise():
     assert (a.strict, a.lenient, a.score) == (b.strict, b.lenient, b.score) == (True, True, 1.0)
     with pytest.raises(ValueError, match="32x32"):
         evaluate_image(np.zeros((64, 64, 3), np.uint8), e.metadata)
+    with pytest.raises(ValueError, match="uint8"):
+        evaluate_image(e.image() / 255.0, e.metadata)
 
 
 # -- specific failures ---------------------------------------------------------------------------

@@ -57,9 +57,9 @@ def unrequested_objects(detections: Sequence[Detection],
 
 def _as_array(image: np.ndarray | Image.Image, spec: WorldSpec) -> np.ndarray:
     arr = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
-    if arr.shape != (spec.canvas, spec.canvas, 3):
-        raise ValueError(f"expected a {spec.canvas}x{spec.canvas} RGB image, got shape "
-                         f"{arr.shape}")
+    if arr.shape != (spec.canvas, spec.canvas, 3) or arr.dtype != np.uint8:
+        raise ValueError(f"expected a {spec.canvas}x{spec.canvas} RGB uint8 image, got shape "
+                         f"{arr.shape} dtype {arr.dtype}")
     return arr
 
 
