@@ -1,30 +1,44 @@
-"""Evaluation: generate N images per prompt with fixed seeds, write GenEval's folder layout, score,
-and return per-category tables.
+"""Evaluation harness: generate N images per prompt with fixed seeds, write GenEval's folder layout,
+score, and save per-category tables (issue 7 §1).
 
-Two entry points:
+Entry points:
 - :func:`evaluate_shapes` -- a shapes-world suite, scored by the exact evaluator (strict, lenient,
-  partial credit). Used before/after training and by ``stagerl eval``.
-- :func:`evaluate_prompts` -- any prompt file (GenEval metadata jsonl, T2I-CompBench / OCR txt,
-  DrawBench csv) scored by configured reward back ends.
+  partial credit). Used before/after training, by ``stagerl eval`` and by ``stagerl study``.
+- :func:`evaluate_benchmark` -- a benchmark path: GenEval metadata (.jsonl), T2I-CompBench-style
+  prompt lists (.txt, the category is the file name: ``color_val.txt`` -> ``color``; or a folder of
+  them), DrawBench (.csv with a Category column) or an OCR prompt file (.txt), scored by the
+  configured reward back ends.
+- :func:`evaluate_prompts` -- the same on already-loaded :class:`PromptItem` s.
 
-Both skip prompts whose images already exist in the output folder (rerunning resumes).
+Rerunning on the same output folder skips work already done: complete prompt folders are not
+sampled again, and per-prompt reward scores (``scores.json``) are not recomputed. ``eval_config.json``
+records the sampling settings of a folder; reusing it with different settings is a UserError,
+because the cached images would silently belong to another configuration.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from stagerl.data import PromptItem, _mix
+from stagerl.data import PromptItem, _mix, load_prompt_file
+from stagerl.errors import UserError
 from stagerl.policies.base import SamplingParams
+
+log = logging.getLogger(__name__)
 
 SHAPES_SUITES = ("test", "compositions", "phrasings")
 # `heldout` is the name used in configs for the in-distribution held-out suite.
 SUITE_ALIASES = {"heldout": "test", "indist": "test"}
+_SPLIT_WORDS = ("val", "test", "train", "prompts", "metadata", "evaluation")
 
 
 def shapes_items(suite: str, n_prompts: int, seed: int = 1234) -> list[PromptItem]:
@@ -32,6 +46,70 @@ def shapes_items(suite: str, n_prompts: int, seed: int = 1234) -> list[PromptIte
 
     split = SUITE_ALIASES.get(suite, suite)
     return [PromptItem(ex.prompt, ex.metadata) for ex in generate(n_prompts, seed=seed, split=split)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmarks: loading with categories
+
+
+def benchmark_category(path: str | Path) -> str:
+    """Category of a prompt-list file from its name: ``color_val.txt`` -> ``color``,
+    ``3d_spatial_val.txt`` -> ``3d_spatial``. Split words (val, test, prompts...) are dropped; a name
+    that is nothing but split words (``ocr/test_prompts.txt``) takes its folder's name (``ocr``)."""
+    p = Path(path)
+    words = [w for w in re.split(r"[_\-.]+", p.stem.lower()) if w]
+    kept = [w for w in words if w not in _SPLIT_WORDS]
+    if kept:
+        return "_".join(kept)
+    return p.parent.name.lower() or p.stem.lower()
+
+
+def load_benchmark(path: str | Path, max_prompts: int | None = None) -> list[PromptItem]:
+    """Prompts of one benchmark, each with a ``tag`` (its category) in the metadata.
+
+    - ``.jsonl``: GenEval metadata; the tag is the line's own ``tag`` (GenEval's six categories);
+    - ``.csv``: DrawBench; the tag is the ``Category`` column;
+    - ``.txt``: one prompt a line (T2I-CompBench, OCR); the tag is :func:`benchmark_category`;
+    - a folder: every .txt/.jsonl/.csv inside, in name order (e.g. T2I-CompBench's eight files).
+
+    ``max_prompts`` keeps the first prompts *of each file* (so a folder keeps every category).
+    """
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".txt", ".jsonl", ".csv"))
+        if not files:
+            raise UserError(f"benchmark folder {path} holds no .txt, .jsonl or .csv prompt files")
+        return [it for f in files for it in load_benchmark(f, max_prompts)]
+    items = load_prompt_file(p)[:max_prompts]
+    default_tag = benchmark_category(p)
+    out = []
+    for it in items:
+        meta = dict(it.metadata)
+        if not meta.get("tag"):
+            meta["tag"] = default_tag
+        out.append(PromptItem(it.prompt, meta))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling into GenEval's layout
+
+
+def _check_eval_config(out_dir: Path | None, settings: dict[str, Any]) -> None:
+    """Record the sampling settings of an output folder; refuse to mix settings in one folder."""
+    if out_dir is None:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "eval_config.json"
+    settings = json.loads(json.dumps(settings))  # normalise tuples/floats as JSON sees them
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise UserError(f"{out_dir} holds images made with other settings ({', '.join(diff)} "
+                            f"differ); use a fresh output folder or delete it")
+        return
+    path.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
 
 
 @torch.no_grad()
@@ -88,6 +166,10 @@ def _load_prompt_dir(out_dir: Path | None, index: int, n: int) -> list[Image.Ima
     return [Image.open(f).convert("RGB") for f in files]
 
 
+# --------------------------------------------------------------------------------------------------
+# Scoring
+
+
 def evaluate_shapes(policy: Any, suite: str = "heldout", n_prompts: int = 200,
                     images_per_prompt: int = 4, cfg_scale: float = 2.0, seed: int = 1234,
                     temperature: float = 1.0, top_k: int = 0, out_dir: Path | None = None,
@@ -97,6 +179,10 @@ def evaluate_shapes(policy: Any, suite: str = "heldout", n_prompts: int = 200,
 
     items = shapes_items(suite, n_prompts, seed)
     params = SamplingParams(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k)
+    out_dir = Path(out_dir) if out_dir else None
+    _check_eval_config(out_dir, {"suite": SUITE_ALIASES.get(suite, suite), "seed": seed,
+                                 "images_per_prompt": images_per_prompt, "cfg_scale": cfg_scale,
+                                 "temperature": temperature, "top_k": top_k})
     per_prompt = generate_images(policy, items, images_per_prompt, params, seed, out_dir)
     images = [img for imgs in per_prompt for img in imgs]
     metas = [it.metadata for it in items for _ in range(images_per_prompt)]
@@ -109,46 +195,155 @@ def evaluate_shapes(policy: Any, suite: str = "heldout", n_prompts: int = 200,
         "partial": float(sum(v.score for v in verdicts) / max(1, len(verdicts))),
     }
     if out_dir:
-        (Path(out_dir) / "results.json").write_text(json.dumps(result, indent=1))
+        (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+        title = (f"shapes suite {suite}: {len(items)} prompts x {images_per_prompt} images, "
+                 f"cfg {cfg_scale}; mean partial credit {result['partial']:.3f}")
+        (out_dir / "results.md").write_text(markdown_table(
+            {"strict": result["strict"], "lenient": result["lenient"]}, title))
     return result
+
+
+def _cached_scores(out_dir: Path | None, index: int, name: str, n: int) -> tuple | None:
+    """(scores, valid) of reward ``name`` for prompt ``index`` from its scores.json, if complete."""
+    if out_dir is None:
+        return None
+    path = _prompt_dir(out_dir, index) / "scores.json"
+    if not path.is_file():
+        return None
+    entry = json.loads(path.read_text()).get(name)
+    if not entry or len(entry["scores"]) < n:
+        return None
+    return entry["scores"][:n], entry["valid"][:n]
+
+
+def _store_scores(out_dir: Path, index: int, name: str, scores: list[float], valid: list[bool]):
+    path = _prompt_dir(out_dir, index) / "scores.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    # NaN is not JSON; an invalid entry's value does not matter (valid=False), store 0.
+    data[name] = {"scores": [s if math.isfinite(s) else 0.0 for s in scores], "valid": valid}
+    path.write_text(json.dumps(data))
+
+
+def _score_reward(name: str, kwargs: dict, per_prompt: list[list[Image.Image]],
+                  items: list[PromptItem], out_dir: Path | None) -> tuple[list, list]:
+    """Scores [P][n] and valid [P][n] of one reward, computing only prompts without cached scores."""
+    from stagerl.rewards.base import build_reward
+
+    n = len(per_prompt[0]) if per_prompt else 0
+    scores: list = [None] * len(items)
+    valid: list = [None] * len(items)
+    todo = []
+    for i in range(len(items)):
+        hit = _cached_scores(out_dir, i, name, n)
+        if hit is None:
+            todo.append(i)
+        else:
+            scores[i], valid[i] = hit
+    if todo:
+        fn = build_reward(name, **dict(kwargs.get(name, {})))
+        images = [im for i in todo for im in per_prompt[i]]
+        prompts = [items[i].prompt for i in todo for _ in range(n)]
+        metas = [items[i].metadata for i in todo for _ in range(n)]
+        out = fn(images, prompts, metas)
+        for k, i in enumerate(todo):
+            s = [float(x) for x in out.scores[k * n:(k + 1) * n]]
+            v = [bool(x) for x in out.valid[k * n:(k + 1) * n]]
+            scores[i], valid[i] = s, v
+            if out_dir:
+                _store_scores(out_dir, i, name, s, v)
+    return scores, valid
 
 
 def evaluate_prompts(policy: Any, items: list[PromptItem], reward_names: list[str],
                      reward_kwargs: dict[str, dict], images_per_prompt: int, params: SamplingParams,
-                     seed: int, out_dir: Path | None) -> dict[str, Any]:
-    """Mean score per reward, per category (metadata 'tag') and overall (mean of categories)."""
-    from stagerl.rewards.base import RewardSet
+                     seed: int, out_dir: Path | None, title: str = "") -> dict[str, Any]:
+    """Mean score per reward, per category (metadata 'tag') and overall (mean of categories).
 
-    rewards = RewardSet(reward_names, reward_kwargs)
+    Saves results.json and results.md (one table row per reward) under ``out_dir``."""
+    if not items:
+        raise UserError("evaluation: no prompts to evaluate")
+    out_dir = Path(out_dir) if out_dir else None
+    digest = hashlib.sha256("\n".join(it.prompt for it in items).encode()).hexdigest()[:16]
+    _check_eval_config(out_dir, {"prompts_sha256": digest, "seed": seed,
+                                 "images_per_prompt": images_per_prompt,
+                                 "cfg_scale": params.cfg_scale, "temperature": params.temperature,
+                                 "top_k": params.top_k, "top_p": params.top_p})
     per_prompt = generate_images(policy, items, images_per_prompt, params, seed, out_dir)
-    images = [img for imgs in per_prompt for img in imgs]
-    prompts = [it.prompt for it in items for _ in range(images_per_prompt)]
-    metas = [it.metadata for it in items for _ in range(images_per_prompt)]
-    scores, valid, _ = rewards(images, prompts, metas)
-    tags = [m.get("tag") or "all" for m in metas]
+    tags = [it.metadata.get("tag") or "all" for it in items]
     table: dict[str, dict[str, float]] = {}
-    for k, name in enumerate(reward_names):
-        col, ok = scores[:, k], valid[:, k]
-        per_tag = {}
-        for tag in sorted(set(tags)):
-            sel = torch.tensor([t == tag for t in tags]) & ok
-            per_tag[tag] = float(col[sel].mean()) if bool(sel.any()) else float("nan")
-        per_tag["overall"] = float(torch.tensor(list(per_tag.values())).nanmean())
-        per_tag["invalid"] = float((~ok).sum())
-        table[name] = per_tag
-    result = {"prompts": len(items), "images_per_prompt": images_per_prompt, "scores": table}
+    for name in reward_names:
+        scores, valid = _score_reward(name, reward_kwargs, per_prompt, items, out_dir)
+        table[name] = _per_tag(scores, valid, tags)
+    result = {"prompts": len(items), "images_per_prompt": images_per_prompt, "seed": seed,
+              "cfg_scale": params.cfg_scale, "scores": table}
     if out_dir:
-        (Path(out_dir) / "results.json").write_text(json.dumps(result, indent=1))
+        (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+        head = title or f"{len(items)} prompts x {images_per_prompt} images: mean reward by category"
+        (out_dir / "results.md").write_text(markdown_table(table, head))
     return result
+
+
+def _per_tag(scores: list[list[float]], valid: list[list[bool]], tags: list[str]) -> dict[str, float]:
+    """Mean valid score per tag, overall = mean of tags (GenEval's convention), invalid count."""
+    per_tag: dict[str, float] = {}
+    for tag in sorted(set(tags)):
+        vals = [s for i, t in enumerate(tags) if t == tag
+                for s, ok in zip(scores[i], valid[i]) if ok]
+        per_tag[tag] = float(sum(vals) / len(vals)) if vals else float("nan")
+    finite = [v for v in per_tag.values() if math.isfinite(v)]
+    per_tag["overall"] = float(sum(finite) / len(finite)) if finite else float("nan")
+    per_tag["invalid"] = float(sum(not ok for vs in valid for ok in vs))
+    return per_tag
+
+
+def evaluate_benchmark(policy: Any, path: str | Path, reward_names: list[str],
+                       reward_kwargs: dict[str, dict], images_per_prompt: int,
+                       params: SamplingParams, seed: int, out_dir: Path | None,
+                       max_prompts: int | None = None) -> dict[str, Any]:
+    """:func:`load_benchmark` + :func:`evaluate_prompts`: the one call ``stagerl eval --benchmark``
+    needs. ``max_prompts`` applies per file (every category of a folder is kept)."""
+    items = load_benchmark(path, max_prompts)
+    title = f"{path}: mean reward by category ({len(items)} prompts x {images_per_prompt} images)"
+    result = evaluate_prompts(policy, items, reward_names, reward_kwargs, images_per_prompt,
+                              params, seed, out_dir, title=title)
+    result["benchmark"] = str(path)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _columns(rows: dict[str, dict[str, Any]]) -> list[str]:
+    cols: list[str] = []
+    for r in rows.values():
+        cols += [c for c in r if c not in cols]
+    return cols
 
 
 def format_table(rows: dict[str, dict[str, float]], title: str = "") -> str:
     """A plain-text table: one row per name, one column per category."""
-    cols: list[str] = []
-    for r in rows.values():
-        cols += [c for c in r if c not in cols]
+    cols = _columns(rows)
     head = f"{'':<14}" + "".join(f"{c[:12]:>13}" for c in cols)
     lines = [title] if title else []
     lines += [head] + [f"{name[:14]:<14}" + "".join(
         f"{r.get(c, float('nan')):>13.3f}" for c in cols) for name, r in rows.items()]
     return "\n".join(lines)
+
+
+def markdown_table(rows: dict[str, dict[str, Any]], title: str = "", digits: int = 3) -> str:
+    """A GitHub markdown table: one row per name, one column per category. Cells may be floats
+    (formatted with ``digits``) or ready-made strings (e.g. "0.41 ± 0.03")."""
+    cols = _columns(rows)
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
+        return "n/a" if v is None else str(v)
+
+    lines = [f"**{title}**", ""] if title else []
+    lines.append("| | " + " | ".join(cols) + " |")
+    lines.append("|---|" + "---|" * len(cols))
+    lines += ["| " + name + " | " + " | ".join(cell(r.get(c)) for c in cols) + " |"
+              for name, r in rows.items()]
+    return "\n".join(lines) + "\n"
