@@ -86,3 +86,88 @@ def test_tiny_clip_tokenizer_spells_words_as_single_tokens():
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
     assert len(ids) == 5
     assert tok.decode(ids, skip_special_tokens=True).strip() == "a red cat"
+
+
+COCO_SUBSET = ["person", "bicycle", "car", "cat", "dog", "keyboard", "remote", "bench", "cow",
+               "clock"]
+
+
+def _swin(out_features: list[str], image_size: int = 64):
+    from transformers import SwinConfig
+
+    return SwinConfig(image_size=image_size, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                      num_heads=[1, 1, 1, 1], window_size=4, out_features=out_features)
+
+
+def save_tiny_mask2former(path: Path, favour: str | None = None) -> Path:
+    """Mask2Former (Swin backbone) over a COCO subset; ``favour`` biases the class head so every
+    query predicts that class with high confidence (a known answer for end-to-end tests)."""
+    import torch
+    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation,
+                              Mask2FormerImageProcessor)
+
+    cfg = Mask2FormerConfig(
+        backbone_config=_swin(["stage1", "stage2", "stage3", "stage4"]), feature_size=32,
+        mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64, dim_feedforward=64,
+        encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_queries=8,
+        num_labels=len(COCO_SUBSET), id2label=dict(enumerate(COCO_SUBSET)),
+        label2id={c: i for i, c in enumerate(COCO_SUBSET)}, common_stride=4, train_num_points=16)
+    torch.manual_seed(0)
+    model = Mask2FormerForUniversalSegmentation(cfg)
+    if favour is not None:
+        with torch.no_grad():
+            bias = model.class_predictor.bias
+            bias.fill_(-20.0)
+            bias[COCO_SUBSET.index(favour)] = 20.0
+    model.save_pretrained(path)
+    Mask2FormerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(path)
+    return path
+
+
+def save_tiny_owlv2(path: Path) -> Path:
+    import torch
+    from transformers import (Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor,
+                              Owlv2Processor)
+
+    tok = tiny_clip_tokenizer()
+    cfg = Owlv2Config(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=32)  # OWL's class head needs projection_dim == text hidden size
+    torch.manual_seed(0)
+    Owlv2ForObjectDetection(cfg).save_pretrained(path)
+    Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 32, "width": 32}),
+                   tokenizer=tok).save_pretrained(path)
+    return path
+
+
+def tiny_bert_tokenizer():
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "?"] + WORDS
+    return BertTokenizer(vocab={w: i for i, w in enumerate(dict.fromkeys(words))})
+
+
+def save_tiny_grounding_dino(path: Path) -> Path:
+    import torch
+    from transformers import (BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor)
+
+    tok = tiny_bert_tokenizer()
+    text = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    # decoder_layers >= 2 (box-head weight tying) and 3 feature levels (a 4th would be 1x1 at 64 px)
+    cfg = GroundingDinoConfig(
+        backbone_config=_swin(["stage2", "stage3", "stage4"]), text_config=text, d_model=32,
+        encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, num_feature_levels=3,
+        encoder_n_points=2, decoder_n_points=2, max_text_len=32)
+    torch.manual_seed(0)
+    GroundingDinoForObjectDetection(cfg).save_pretrained(path)
+    proc = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64})
+    GroundingDinoProcessor(image_processor=proc, tokenizer=tok).save_pretrained(path)
+    return path
