@@ -1,0 +1,401 @@
+"""docs/results.md, plots and the image grid of a ``stagerl study`` summary (issue 7 §3-§4).
+
+Everything here is generated from ``OUT/summary.json`` and the run folders; no number is typed in by
+hand. Comparisons use the seed-to-seed spread: a difference d between two rows' means is called
+*clear* when |d| > 2 se, with se = sqrt(s_a^2/n_a + s_b^2/n_b) (sample std over seeds), else
+*within seed noise*. With 3 seeds that is a rough screen, not a significance test; the text says
+which it is.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stagerl.eval import SHAPES_SUITES, markdown_table
+
+LABELS = {"base": "base model", "vanilla_grpo": "vanilla GRPO", "plus_ent": "+Ent",
+          "stage": "STAGE", "wo_kl": "w/o KL", "wo_ent_kl": "w/o Ent & KL"}
+SUITE_TITLES = {"test": "In-distribution (held-out prompts of the training distribution, `test`)",
+                "compositions": "Held-out compositions (`compositions`)",
+                "phrasings": "Held-out phrasings (`phrasings`)"}
+# (key, label, higher is better?)
+QUALITY = [("fragments_per_image", "fragments / image", False),
+           ("speckle_px_per_image", "speckle px / image", False),
+           ("clean_pixel_frac", "clean pixel frac", True),
+           ("empty_image_frac", "empty images", False),
+           ("code_jsd", "code JSD to pretraining (bits)", False),
+           ("codes_used_frac", "codebook used", None),
+           ("kl_k3", "KL to base (k3 / token)", False),
+           ("entropy", "entropy (nats / token)", None),
+           ("entropy_gap", "|entropy - base entropy|", False)]
+HEADLINE = [("test/strict/overall", "in-distribution strict", True),
+            ("compositions/strict/overall", "held-out compositions strict", True),
+            ("phrasings/strict/overall", "held-out phrasings strict", True),
+            ("test/partial", "in-distribution partial credit", True),
+            ("quality/clean_pixel_frac", "clean pixel fraction", True),
+            ("quality/fragments_per_image", "fragments per image", False),
+            ("quality/code_jsd", "code JSD to pretraining", False),
+            ("quality/kl_k3", "KL to base", False),
+            ("quality/entropy_gap", "entropy gap to base", False)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Numbers
+
+
+def flat_metrics(ev: dict[str, Any]) -> dict[str, float]:
+    """One evaluation -> {"suite/strict/tag": v, "suite/partial": v, "quality/key": v, ...}."""
+    out: dict[str, float] = {}
+    for suite, res in ev["suites"].items():
+        for kind in ("strict", "lenient"):
+            for tag, v in res[kind].items():
+                out[f"{suite}/{kind}/{tag}"] = float(v)
+        out[f"{suite}/partial"] = float(res["partial"])
+    q = ev["quality"]
+    for k, v in q.items():
+        out[f"quality/{k}"] = float(v)
+    if "entropy" in q and "base_entropy" in q:
+        out["quality/entropy_gap"] = abs(q["entropy"] - q["base_entropy"])
+    return out
+
+
+def group_runs(summary: dict[str, Any]) -> dict[tuple[str, str | None], list[dict[str, float]]]:
+    """(row, condition) -> per-seed flat metrics."""
+    groups: dict[tuple[str, str | None], list[dict[str, float]]] = {}
+    for r in summary["runs"]:
+        groups.setdefault((r["row"], r["condition"]), []).append(flat_metrics(r["eval"]))
+    return groups
+
+
+def stats(values: list[float]) -> tuple[float, float, int]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return float("nan"), float("nan"), 0
+    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    return float(np.mean(vals)), std, len(vals)
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    m, s, n = stats(values)
+    if n == 0:
+        return "n/a"
+    return f"{m:.{digits}f}" if n == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def compare(a: list[float], b: list[float], higher_better: bool | None) -> dict[str, Any]:
+    """a vs b: difference of means, se, and a verdict word."""
+    ma, sa, na = stats(a)
+    mb, sb, nb = stats(b)
+    d = ma - mb
+    se = math.sqrt((sa ** 2 / na if na else 0) + (sb ** 2 / nb if nb else 0))
+    clear = abs(d) > 2 * se and abs(d) > 1e-9
+    if higher_better is None or not clear:
+        word = "within seed noise" if not clear else "different"
+    else:
+        word = "better" if (d > 0) == higher_better else "worse"
+    return {"a": ma, "b": mb, "d": d, "se": se, "clear": clear, "word": word}
+
+
+# --------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _table_rows(summary: dict, groups: dict, keys: list[tuple[str, str]],
+                condition: str | None = None) -> dict[str, dict[str, str]]:
+    rows: dict[str, dict[str, str]] = {}
+    if condition is None:
+        base = flat_metrics(summary["base"])
+        rows[LABELS["base"]] = {lab: fmt([base.get(k, float("nan"))]) for k, lab in keys}
+    for (row, cond), runs in groups.items():
+        if cond != condition:
+            continue
+        rows[LABELS.get(row, row)] = {lab: fmt([r.get(k, float("nan")) for r in runs])
+                                      for k, lab in keys}
+    return rows
+
+
+def suite_tables(summary: dict, groups: dict) -> list[str]:
+    out = []
+    for suite in SHAPES_SUITES:
+        tags = list(summary["base"]["suites"][suite]["strict"])
+        keys = [(f"{suite}/strict/{t}", t) for t in tags]
+        keys += [(f"{suite}/lenient/overall", "lenient overall"), (f"{suite}/partial", "partial")]
+        res = summary["base"]["suites"][suite]
+        title = (f"{SUITE_TITLES[suite]}: strict accuracy per tag, {res['prompts']} prompts x "
+                 f"{res['images_per_prompt']} images")
+        out.append(f"### {SUITE_TITLES[suite]}\n\n" +
+                   markdown_table(_table_rows(summary, groups, keys), title))
+    return out
+
+
+def quality_table(summary: dict, groups: dict) -> str:
+    keys = [(f"quality/{k}", lab) for k, lab, _ in QUALITY]
+    floor = summary["base"]["quality"].get("code_jsd_floor", float("nan"))
+    return ("### Quality and drift (all three suites' images pooled)\n\n"
+            + markdown_table(_table_rows(summary, groups, keys),
+                             "Measures the reward does not see (src/stagerl/quality.py)")
+            + f"\nCode-JSD floor (ground-truth renders of as many `test` prompts vs the pretraining "
+              f"histogram; what a perfect model would score at this sample size): {floor:.4f} "
+              f"bits.\n")
+
+
+def _sentence(label: str, c: dict[str, Any], a_name: str, b_name: str) -> str:
+    diff = f"{c['a']:.3f} vs {c['b']:.3f} (difference {c['d']:+.3f}, 2 se = {2 * c['se']:.3f})"
+    if c["word"] in ("better", "worse"):
+        return f"- **{label}**: {a_name} is {c['word']} than {b_name}: {diff}."
+    return f"- **{label}**: no clear difference between {a_name} and {b_name}: {diff}."
+
+
+def findings(summary: dict, groups: dict) -> list[str]:
+    """The paper's claims (method.md §7) checked one by one, with numbers."""
+    base = flat_metrics(summary["base"])
+    lines = []
+    grpo, stage = groups.get(("vanilla_grpo", None)), groups.get(("stage", None))
+    if grpo:
+        lines.append("**Claim 1: vanilla GRPO gains in-distribution but drifts.** Vanilla GRPO vs "
+                     "the base model:")
+        for key, label, hb in HEADLINE:
+            c = compare([r.get(key, float("nan")) for r in grpo], [base.get(key, float("nan"))], hb)
+            lines.append(_sentence(label, c, "vanilla GRPO", "the base model"))
+        lines.append("")
+    if grpo and stage:
+        lines.append("**Claim 2: STAGE keeps the gain and holds out-of-distribution scores, quality, "
+                     "entropy and KL.** STAGE vs vanilla GRPO:")
+        for key, label, hb in HEADLINE:
+            c = compare([r.get(key, float("nan")) for r in stage],
+                        [r.get(key, float("nan")) for r in grpo], hb)
+            lines.append(_sentence(label, c, "STAGE", "vanilla GRPO"))
+        lines.append("")
+    return lines
+
+
+def conditions_section(summary: dict, groups: dict) -> list[str]:
+    conds = summary["plan"].get("conditions") or []
+    if not conds:
+        return []
+    from stagerl.study import CONDITIONS
+
+    lines = ["## Conditions: when does a difference appear?", "",
+             "Each condition retrains vanilla GRPO and STAGE with one change; the table shows "
+             "STAGE minus vanilla GRPO (mean over seeds, ± 2 se).", ""]
+    keys = HEADLINE
+    rows: dict[str, dict[str, str]] = {}
+    for cond in [None, *conds]:
+        g, s = groups.get(("vanilla_grpo", cond)), groups.get(("stage", cond))
+        if not g or not s:
+            continue
+        name = "main study" if cond is None else f"{cond}: {CONDITIONS[cond]['help']}"
+        row = {}
+        for key, label, hb in keys:
+            c = compare([r.get(key, float("nan")) for r in s], [r.get(key, float("nan")) for r in g],
+                        hb)
+            mark = f" ({c['word']})" if c["clear"] else ""
+            row[label] = f"{c['d']:+.3f} ± {2 * c['se']:.3f}{mark}"
+        rows[name] = row
+    lines.append(markdown_table(rows, "STAGE − vanilla GRPO per condition"))
+    for cond in conds:
+        keys2 = [(k, lab) for k, lab, _ in HEADLINE]
+        lines.append(f"\n**{cond}** ({CONDITIONS[cond]['help']}): absolute values\n")
+        lines.append(markdown_table(_table_rows(summary, groups, keys2, condition=cond)))
+    return lines
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def render_markdown(summary: dict, command: str, figures: dict[str, str]) -> str:
+    groups = group_runs(summary)
+    plan, cfg = summary["plan"], summary["config"]
+    samples = cfg["steps"] * cfg["P"] * cfg["G"]
+    quick = "--quick" in command
+    lines = [f"# STAGE vs GRPO on the shapes world{' (quick variant)' if quick else ''}", "",
+             f"Generated by `{command}` from commit `{_git_commit()}` on "
+             f"{datetime.date.today().isoformat()}; do not edit by hand (docs/study.md explains "
+             f"every suite and measure, and how to rerun).", ""]
+    if quick:
+        lines += ["> This is the **quick** variant: short runs and small evaluations. Its numbers "
+                  "are noisier and its runs shorter than the full study's.", ""]
+    lines += ["## Setup", "",
+              f"- rows: {', '.join(LABELS.get(r, r) for r in plan['rows'])}; seeds "
+              f"{plan['seeds']} each; base model `{plan['model']}`.",
+              f"- equal sample budget: {cfg['steps']} steps x P={cfg['P']} prompts x G={cfg['G']} "
+              f"samples = {samples} samples per run; lr {cfg['lr']:g}, beta {cfg['beta']:g} (rows "
+              f"with KL), CFG {cfg['cfg_scale']:g}; extra overrides: {plan['overrides'] or 'none'}.",
+              f"- evaluation: {plan['eval_prompts']} prompts x {plan['eval_images']} images per "
+              f"suite, the same prompts and sampling seeds for every model; during training, "
+              f"{plan['curve_prompts']} `{plan['curve_suite']}` prompts x {plan['curve_images']} "
+              f"images every {max(1, cfg['steps'] // (plan['curve_points'] + 1))} steps.",
+              f"- wall time {summary['wall_seconds'] / 60:.1f} min ({summary['train_seconds'] / 60:.1f} "
+              f"min training), {summary['reused_runs']} of {len(summary['runs'])} runs reused from "
+              f"an earlier invocation; the 2 CPU cores were shared with other jobs, so times are "
+              f"upper bounds.", "",
+              "Tables show mean ± sample std over seeds (the base model is one deterministic "
+              "model: no std). Strict = GenEval's rules plus no unrequested objects and no "
+              "fragments (the training reward); overall = mean of the per-tag accuracies.", "",
+              "## Findings (generated from the numbers below)", "",
+              "A difference is called better/worse only when it exceeds twice its standard error "
+              "over seeds; otherwise it is reported as within seed noise.", ""]
+    lines += findings(summary, groups)
+    lines += ["## Results per suite", ""] + suite_tables(summary, groups)
+    lines += [quality_table(summary, groups), "## Training curves", ""]
+    for name, path in figures.items():
+        lines += [f"![{name}]({path})", ""]
+    lines += ["Curves are means over seeds with a ± 1 std band; the reward is the raw reward "
+              "column (without the entropy bonus), smoothed with a moving average. Rows without a "
+              "reference model (w/o Ent & KL) log no KL or reference entropy during training; their "
+              "final KL is in the quality table.", ""]
+    lines += conditions_section(summary, groups)
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _reward_key(rows: list[dict]) -> str | None:
+    keys = {k for r in rows for k in r if k.startswith("reward/") and k.endswith("/mean")}
+    keys.discard("reward/total/mean")
+    return sorted(keys)[0] if keys else None
+
+
+def _curves(run_dirs: list[str], key: str | None, smooth: int) -> tuple[np.ndarray, np.ndarray,
+                                                                        np.ndarray] | None:
+    """Mean and std over runs of a metric's series (steps where every run logged it)."""
+    from stagerl.tracking import read_metrics
+
+    per_run = []
+    for d in run_dirs:
+        rows = read_metrics(d)
+        k = key if key != "@reward" else _reward_key(rows)
+        pts = {r["step"]: float(r[k]) for r in rows if k and r.get(k) is not None}
+        if not pts:
+            return None
+        per_run.append(pts)
+    steps = sorted(set.intersection(*(set(p) for p in per_run)))
+    if not steps:
+        return None
+    vals = np.array([[p[s] for s in steps] for p in per_run])  # [runs, steps]
+    if smooth > 1:
+        kernel = np.ones(smooth) / smooth
+        vals = np.array([np.convolve(np.pad(v, (smooth - 1, 0), mode="edge"), kernel, "valid")
+                         for v in vals])
+    return np.array(steps), vals.mean(0), vals.std(0, ddof=1) if len(vals) > 1 else 0 * vals[0]
+
+
+PLOTS = [("reward", "Training reward (raw column, smoothed)", [("@reward", "")], True),
+         ("heldout", "Held-out strict score during training", [("eval/overall", "")], False),
+         ("entropy", "Entropy: policy (solid) vs reference (dashed)",
+          [("policy/entropy", "-"), ("ref/entropy", "--")], True),
+         ("kl", "KL to the reference (k3, per token)", [("policy/kl_k3", "")], True)]
+
+
+def write_plots(summary: dict, docs: Path, prefix: str = "results") -> dict[str, str]:
+    """One PNG per curve, one line per row (main study only). Returns {title: file name}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dirs: dict[str, list[str]] = {}
+    for r in summary["runs"]:
+        if r["condition"] is None:
+            dirs.setdefault(r["row"], []).append(r["run_dir"])
+    steps = summary["config"]["steps"]
+    written = {}
+    for name, title, keys, smooth in PLOTS:
+        fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+        for i, (row, run_dirs) in enumerate(dirs.items()):
+            color = f"C{i}"
+            for key, style in keys:
+                c = _curves(run_dirs, key, max(1, steps // 10) if smooth else 1)
+                if c is None:
+                    continue
+                x, m, s = c
+                ax.plot(x, m, style or "-", color=color, marker="o" if len(x) < 12 else None,
+                        ms=3, label=LABELS.get(row, row) if style in ("", "-") else None)
+                ax.fill_between(x, m - s, m + s, color=color, alpha=0.12)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fname = f"{prefix}_{name}.png"
+        fig.savefig(docs / fname)
+        plt.close(fig)
+        written[title] = fname
+    return written
+
+
+def write_grid(summary: dict, docs: Path, out: Path, prefix: str = "results") -> str | None:
+    """Base / vanilla GRPO / STAGE (first seed) on the same prompts and sampling seeds."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from stagerl.eval import generate_images, shapes_items
+    from stagerl.policies.base import SamplingParams
+    from stagerl.study import EVAL_SEED, _load
+
+    plan = summary["plan"]
+    seed0 = plan["seeds"][0]
+    models = [("base model", plan["model"])]
+    for r in summary["runs"]:
+        if r["condition"] is None and r["seed"] == seed0 and r["row"] in ("vanilla_grpo", "stage"):
+            models.append((f"{LABELS[r['row']]} (seed {seed0})", str(Path(r["run_dir"]) / "final")))
+    if len(models) < 2:
+        return None
+    half = max(1, plan["grid_prompts"] // 2)
+    items = shapes_items("test", half, EVAL_SEED + 7) + shapes_items("compositions", half,
+                                                                     EVAL_SEED + 7)
+    k, scale, pad, head, left = plan["grid_images"], 3, 4, 44, 120
+    params = SamplingParams(cfg_scale=summary["config"]["cfg_scale"])
+    rows = [generate_images(_load(path), items, k, params, EVAL_SEED + 7,
+                            out / "grid" / f"model{i}") for i, (_, path) in enumerate(models)]
+    cell = rows[0][0][0].width * scale
+    width = left + len(items) * (k * cell + pad)
+    canvas = Image.new("RGB", (width, head + len(models) * (cell + pad)), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    import textwrap
+
+    for j, it in enumerate(items):
+        x = left + j * (k * cell + pad)
+        suite = "test" if j < half else "compositions"
+        text = "\n".join(textwrap.wrap(f"[{suite}] {it.prompt}", max(10, k * cell // 6))[:3])
+        draw.text((x + 2, 2), text, fill="black", font=font)
+    for i, ((label, _), per_prompt) in enumerate(zip(models, rows)):
+        y = head + i * (cell + pad)
+        draw.text((4, y + cell // 2 - 6), "\n".join(textwrap.wrap(label, 18)), fill="black",
+                  font=font)
+        for j, imgs in enumerate(per_prompt):
+            for n, img in enumerate(imgs):
+                x = left + j * (k * cell + pad) + n * cell
+                canvas.paste(img.resize((cell, cell), Image.NEAREST), (x, y))
+    fname = f"{prefix}_grid.png"
+    canvas.save(docs / fname)
+    return fname
+
+
+def write_report(summary: dict, docs: str | Path, out: str | Path, command: str,
+                 prefix: str = "results") -> list[Path]:
+    """docs/<prefix>.md + docs/<prefix>_*.png from a study summary. Returns the written paths."""
+    docs, out = Path(docs), Path(out)
+    docs.mkdir(parents=True, exist_ok=True)
+    figures = {title: fname for title, fname in write_plots(summary, docs, prefix).items()}
+    grid = write_grid(summary, docs, out, prefix)
+    text = render_markdown(summary, command, figures)
+    if grid:
+        text += ("\n## Image grid\n\nSame prompts (three in-distribution, three held-out "
+                 "compositions) and sampling seeds for every model; columns are "
+                 f"{summary['plan']['grid_images']} samples per prompt.\n\n![grid]({grid})\n")
+    md = docs / f"{prefix}.md"
+    md.write_text(text)
+    return [md] + [docs / f for f in figures.values()] + ([docs / grid] if grid else [])

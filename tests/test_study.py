@@ -1,0 +1,162 @@
+"""Quality/drift measures (issue 7 §2) and the study at toy size (issue 7 §3): every row and seed
+trained and evaluated, results.md + plots + grid written, reruns reuse everything, runs do not
+depend on each other's order."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import stagerl.study as study_mod
+from conftest import make_tiny_policy
+from stagerl.cli import main
+from stagerl.policies.tiny import TinyPolicy
+from stagerl.quality import (cleanliness, code_histogram, encode_images, js_divergence,
+                             kl_to_base, pretraining_code_histogram)
+from stagerl.rewards.base import RewardOutput, register_reward
+from stagerl.worlds.shapes.prompts import generate
+
+
+@register_reward("study_test_blue")
+class _Blue:
+    """Mean blue channel: continuous, so groups are never tied and every row moves."""
+
+    name = "study_test_blue"
+
+    def __call__(self, images, prompts, metadata):
+        vals = [float(np.asarray(im, dtype=np.float32)[..., 2].mean() / 255.0) for im in images]
+        return RewardOutput(torch.tensor(vals), torch.ones(len(vals), dtype=torch.bool))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """conftest's random-init tiny policy at the shapes canvas (8x8 tokens = 32 px)."""
+    path = tmp_path_factory.mktemp("tiny8")
+    make_tiny_policy(grid=8).save_pretrained(str(path))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Quality measures
+
+
+def test_cleanliness_of_ground_truth_blank_and_noise():
+    truth = [ex.image() for ex in generate(12, seed=3, split="test")]
+    q = cleanliness(truth)
+    assert q["fragments_per_image"] == 0 and q["speckle_px_per_image"] == 0
+    assert q["clean_pixel_frac"] == 1.0 and q["empty_image_frac"] == 0
+    blank = np.full((2, 32, 32, 3), 255, dtype=np.uint8)
+    assert cleanliness(blank)["empty_image_frac"] == 1.0
+    noise = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+    qn = cleanliness(noise)
+    assert qn["clean_pixel_frac"] < 0.2 and qn["offpalette_px_frac"] > 0.3
+    # A ground-truth render with a stray blob: one more fragment, fewer clean pixels.
+    dirty = next(t.copy() for t in truth if (t[0:3, 0:10] == 255).all() and (t[31, 30:32] == 255).all())
+    dirty[0:3, 0:10] = (0, 0, 255)  # a 10x3 blue bar is no shape: a fragment
+    dirty[31, 30:32] = (255, 0, 0)  # 2 px: speckle the reward never sees
+    qd = cleanliness([dirty])
+    assert qd["fragments_per_image"] == 1 and qd["speckle_px_per_image"] == 2
+    fg = int((dirty != 255).any(-1).sum())
+    assert qd["clean_pixel_frac"] == pytest.approx((fg - 32) / fg)
+
+
+def test_js_divergence_bounds():
+    p = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    q = torch.tensor([0.0, 0.0, 2.0, 2.0])
+    assert js_divergence(p, p) == pytest.approx(0.0, abs=1e-12)
+    assert js_divergence(p, q) == pytest.approx(1.0)
+    r = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert js_divergence(p, r) == pytest.approx(js_divergence(r, p))
+    assert 0 < js_divergence(p, r) < 1
+
+
+def test_token_drift_and_kl_on_a_tiny_policy():
+    policy = make_tiny_policy(grid=8)
+    tokens = torch.randint(0, policy.config.vocab_size, (6, 64), generator=torch.Generator()
+                           .manual_seed(0))
+    images = policy.decode(tokens)
+    assert torch.equal(encode_images(policy, images), tokens)  # exact round trip
+    hist, floor = pretraining_code_histogram(policy, n_examples=50, n_floor=50)
+    assert hist.sum() == pytest.approx(1.0) and 0 <= floor < 0.2
+    assert js_divergence(code_histogram(tokens, policy.config.vocab_size), hist) > floor
+    prompts = [ex.prompt for ex in generate(6, seed=0, split="train")]
+    same = kl_to_base(policy, policy, prompts, tokens)
+    assert same["kl_k3"] == pytest.approx(0.0, abs=1e-6) and same["entropy"] > 0
+    other = copy.deepcopy(policy)
+    with torch.no_grad():
+        other.head.weight.add_(0.5 * torch.randn_like(other.head.weight))
+    moved = kl_to_base(other, policy, prompts, tokens, batch=4)  # batching must not matter
+    assert moved["kl_k3"] > 1e-3
+    assert moved["kl_k3"] == pytest.approx(kl_to_base(other, policy, prompts, tokens)["kl_k3"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The study
+
+
+def _args(model_dir, out, docs, *extra):
+    return ["study", "--model", str(model_dir), "--out", str(out), "--docs", str(docs),
+            "--steps", "2", "--eval-prompts", "6", "--eval-images", "1", "--curve-points", "1",
+            "--set", "reward.names=[study_test_blue]", "sampling.prompts_per_step=2",
+            "sampling.group_size=3", "optim.lr=0.05", *extra]
+
+
+def test_toy_study_end_to_end_reuse_and_order_independence(tmp_path, model_dir, monkeypatch):
+    out, docs = tmp_path / "study", tmp_path / "docs"
+    assert main(_args(model_dir, out, docs, "--seeds", "2")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    runs = summary["runs"]
+    assert sorted((r["row"], r["seed"]) for r in runs) == sorted(
+        (row, s) for row in study_mod.ROWS for s in (0, 1))
+    assert len({r["samples"] for r in runs}) == 1  # equal sample budget
+    kls = [r["eval"]["quality"]["kl_k3"] for r in runs]
+    assert max(kls) > 0 and summary["base"]["quality"]["kl_k3"] == pytest.approx(0, abs=1e-6)
+    md = (docs / "results.md").read_text()
+    for heading in ("## Findings", "`test`", "`compositions`", "`phrasings`",
+                    "### Quality and drift", "## Training curves", "## Image grid",
+                    "vanilla GRPO", "STAGE", "w/o Ent & KL", " ± "):
+        assert heading in md, heading
+    for name in ("reward", "heldout", "entropy", "kl", "grid"):
+        assert (docs / f"results_{name}.png").stat().st_size > 1000
+
+    # Rerun: every run, evaluation and grid comes from disk -- no training, no sampling.
+    monkeypatch.setattr(study_mod, "train", lambda cfg: pytest.fail("retrained"))
+    monkeypatch.setattr(TinyPolicy, "sample",
+                        lambda *a, **k: pytest.fail("sampled on a rerun"))
+    assert main(_args(model_dir, out, docs, "--seeds", "2")) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["reused_runs"] == len(runs)
+    assert [r["eval"] for r in again["runs"]] == [r["eval"] for r in runs]
+    monkeypatch.undo()
+
+    # One run alone, in a fresh folder, gives the same model evaluation as inside the study.
+    alone = tmp_path / "alone"
+    assert main(_args(model_dir, alone, tmp_path / "docs2", "--seeds", "2", "--rows",
+                      "stage")) == 0
+    solo = {r["seed"]: r["eval"] for r in json.loads((alone / "summary.json").read_text())["runs"]}
+    inside = {r["seed"]: r["eval"] for r in runs if r["row"] == "stage"}
+    assert solo[1]["suites"] == inside[1]["suites"]
+    assert solo[1]["quality"]["kl_k3"] == pytest.approx(inside[1]["quality"]["kl_k3"], rel=1e-5)
+
+
+def test_plans_and_configs(tmp_path):
+    quick, full = study_mod.StudyPlan.quick(), study_mod.StudyPlan()
+    assert len(quick.seeds) >= 3 and len(full.seeds) >= 3 and quick.steps < 60
+    cfgs = {row: study_mod.run_config(full, tmp_path, row, 0) for row in study_mod.ROWS}
+    budgets = {(c.run.steps, c.sampling.prompts_per_step, c.sampling.group_size, c.optim.lr)
+               for c in cfgs.values()}
+    assert len(budgets) == 1  # rows differ only in the algorithm switches
+    assert cfgs["stage"].algo.reweight and not cfgs["vanilla_grpo"].algo.reweight
+    assert cfgs["wo_ent_kl"].algo.beta == 0 and cfgs["wo_ent_kl"].algo.entropy_reward == "off"
+    long = study_mod.run_config(full, tmp_path, "stage", 0, "long")
+    lr = study_mod.run_config(full, tmp_path, "stage", 0, "lr_x4")
+    assert long.run.steps == 3 * cfgs["stage"].run.steps
+    assert lr.optim.lr == pytest.approx(4 * cfgs["stage"].optim.lr)
+    assert study_mod.run_config(full, tmp_path, "vanilla_grpo", 0, "no_kl").algo.beta == 0
+    with pytest.raises(Exception, match="no config for row"):
+        study_mod.run_config(full, tmp_path, "nope", 0)
+    assert main(["study", "--rows", "nope", "--out", str(tmp_path)]) == 2
