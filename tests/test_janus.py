@@ -219,3 +219,50 @@ def test_unloadable_directory_is_a_user_error(tmp_path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match=str(tmp_path)):
         build_policy(ModelConfig(kind="janus", path=str(tmp_path)), need_reference=False)
+
+
+# ---- recipes (method.md §6) ------------------------------------------------------------------------
+from pathlib import Path  # noqa: E402
+
+from stagerl.config import load_config  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SECTION6 = {  # run: (lr, beta, entropy reward, grad accumulation, reward names)
+    "geneval": (5e-6, 0.03, "max_only", 1, ["geneval"]),
+    "hps_git_gdino": (1e-6, 0.01, "off", 2, ["hps", "git_vqa", "grounding_dino"]),
+    "ocr": (1e-6, 0.01, "off", 1, ["ocr"]),
+}
+
+
+@pytest.mark.parametrize("size", ["7b", "1b"])
+@pytest.mark.parametrize("run", sorted(SECTION6))
+def test_janus_pro_recipes_match_the_paper(size: str, run: str) -> None:
+    cfg = load_config(str(CONFIGS / f"janus_pro_{size}_{run}.yaml"))
+    lr, beta, ent, accum, names = SECTION6[run]
+    assert cfg.model.kind == "janus" and cfg.model.path.endswith(f"Janus-Pro-{size.upper()}")
+    assert cfg.model.train_modules == ["language_model"] and not cfg.model.lora
+    assert (cfg.optim.lr, cfg.algo.beta, cfg.algo.entropy_reward) == (lr, beta, ent)
+    assert cfg.reward.names == names and cfg.sampling.group_size == 8
+    assert (cfg.sampling.cfg_scale, cfg.sampling.temperature, cfg.sampling.top_k) == (5.0, 1.0, 0)
+    assert (cfg.optim.grad_clip, cfg.optim.schedule, cfg.optim.warmup_steps) == (1.0, "linear", 0)
+    assert cfg.run.steps == 1600 and cfg.run.mixed_precision == "bf16"
+    # one prompt per GPU on 8 GPUs (x2 prompts for the accumulated run, split in 2 micro-batches)
+    assert cfg.sampling.prompts_per_step == 8 * accum and cfg.optim.grad_accum == accum
+    assert cfg.algo.reweight and cfg.algo.kl_reweight
+
+
+def test_accelerate_launch_files_parse() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {}
+    for f in sorted((CONFIGS / "accelerate").glob("*.yaml")):
+        c = load_config_from_file(str(f))
+        kinds[f.stem] = (str(c.distributed_type).split(".")[-1],
+                         (c.deepspeed_config or {}).get("zero_stage"),
+                         (c.deepspeed_config or {}).get("offload_optimizer_device"))
+    assert kinds["ddp"][0] == "MULTI_GPU" and kinds["fsdp"][0] == "FSDP"
+    assert kinds["deepspeed_zero2"][1:] == (2, "none")
+    assert kinds["deepspeed_zero2_offload"][1:] == (2, "cpu")
+    assert kinds["deepspeed_zero3"][1:] == (3, "none")
+    assert kinds["deepspeed_zero3_offload"][1:] == (3, "cpu")
+    assert kinds["multinode_example"][1] == 3
