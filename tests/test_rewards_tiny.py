@@ -171,3 +171,22 @@ def save_tiny_grounding_dino(path: Path) -> Path:
     proc = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64})
     GroundingDinoProcessor(image_processor=proc, tokenizer=tok).save_pretrained(path)
     return path
+
+
+def save_tiny_git(path: Path) -> Path:
+    """GitForCausalLM + GitProcessor (CLIP image processor + BERT tokenizer)."""
+    import torch
+    from transformers import CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
+
+    tok = tiny_bert_tokenizer()
+    cfg = GitConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+                    vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                    pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+                    eos_token_id=tok.sep_token_id)
+    torch.manual_seed(0)
+    GitForCausalLM(cfg).save_pretrained(path)
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    GitProcessor(image_processor=proc, tokenizer=tok).save_pretrained(path)
+    return path
