@@ -57,7 +57,10 @@ def _special_ids(model: nn.Module, tokenizer: Any) -> tuple[int, int, int]:
     gen = getattr(model, "generation_config", None)
     bos = getattr(gen, "bos_token_id", None)
     pad = getattr(gen, "pad_token_id", None)
-    boi = (getattr(gen, "generation_kwargs", None) or {}).get("boi_token_id")
+    # generate() reads generation_kwargs["boi_token_id"]; transformers' conversion script sets a
+    # plain generation_config.boi_token_id attribute. Accept both.
+    boi = (getattr(gen, "generation_kwargs", None) or {}).get("boi_token_id",
+                                                              getattr(gen, "boi_token_id", None))
     bos = tokenizer.bos_token_id if bos is None else bos
     pad = tokenizer.pad_token_id if pad is None else pad
     if boi is None:
