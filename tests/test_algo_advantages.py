@@ -178,3 +178,11 @@ def test_zero_variance_group_gives_zero_advantage(size, value, seed):
     perm = torch.randperm(rewards.numel(), generator=gen)
     adv = group_advantages(rewards[perm], index[perm])
     assert (adv[index[perm] == 0] == 0).all()
+
+
+def test_integer_rewards_are_accepted():
+    # Rule-based rewards often arrive as ints: [[1], [0]] -> R = [1, 0], A = ±0.5/(0.7071 + 1e-4).
+    out = combine_rewards(torch.tensor([[1], [0]]), torch.tensor([0, 0]))
+    torch.testing.assert_close(out.total, torch.tensor([1.0, 0.0]))
+    adv = group_advantages(torch.tensor([1, 0]), torch.tensor([0, 0]))
+    torch.testing.assert_close(adv, torch.tensor([1.0, -1.0]) * 0.5 / (2 ** -0.5 + 1e-4))

@@ -37,6 +37,12 @@ def groups_of(group_index: Tensor, n: int | None = None) -> Groups:
     return Groups(inverse=inverse, counts=counts)
 
 
+def as_float(x: Tensor) -> Tensor:
+    """Detached, and floating point (integer rewards would break the -inf fill and the means)."""
+    x = x.detach()
+    return x if x.is_floating_point() else x.float()
+
+
 def _expand(index: Tensor, like: Tensor) -> Tensor:
     """Broadcast a [N] index to ``like``'s shape [N, ...] (scatter_reduce needs equal shapes)."""
     return index.view(-1, *([1] * (like.dim() - 1))).expand_as(like)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from stagerl.algo._groups import group_centered_std, groups_of
+from stagerl.algo._groups import as_float, group_centered_std, groups_of
 
 
 @dataclass
@@ -44,7 +44,7 @@ def combine_rewards(rewards: Tensor, group_index: Tensor, weights: Tensor | None
 
     A single-member group has std 0, so its columns count as tied.
     """
-    rewards = rewards.detach()
+    rewards = as_float(rewards)
     if rewards.dim() == 1:
         rewards = rewards[:, None]
     if rewards.dim() != 2:
@@ -82,7 +82,7 @@ def group_advantages(rewards: Tensor, group_index: Tensor, eps: float = 1e-4) ->
         [N] advantages A_i, detached. A group whose rewards are all equal gets A = 0 *exactly*
         (see ``group_centered_std``), which the exact sign tests of the ``parity`` weights rely on.
     """
-    rewards = rewards.detach()
+    rewards = as_float(rewards)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be [N], got shape {tuple(rewards.shape)}")
     g = groups_of(group_index, rewards.numel())

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from stagerl.algo._groups import group_max, group_sum, groups_of
+from stagerl.algo._groups import as_float, group_max, group_sum, groups_of
 from stagerl.errors import UserError
 
 ENTROPY_MODES = ("off", "max_only", "all")
@@ -56,7 +56,7 @@ def entropy_reward(rewards: Tensor, entropy_mean: Tensor, ref_entropy_mean: Tens
     if mode not in ENTROPY_MODES:
         raise UserError(f"unknown entropy reward mode {mode!r}; choose from "
                         f"{', '.join(ENTROPY_MODES)}")
-    rewards = rewards.detach()
+    rewards = as_float(rewards)
     n = rewards.numel()
     for name, t in (("entropy_mean", entropy_mean), ("ref_entropy_mean", ref_entropy_mean)):
         if t.shape != rewards.shape:
