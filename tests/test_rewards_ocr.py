@@ -8,12 +8,12 @@ from stagerl.rewards.ocr import extract_target_text, levenshtein, normalize_text
 
 
 
-def _render(text: str, size=(320, 128)) -> Image.Image:
+def _render(text: str, size=(224, 64)) -> Image.Image:
     from matplotlib import font_manager
 
-    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 36)
+    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 28)
     img = Image.new("RGB", size, "white")
-    ImageDraw.Draw(img).text((16, 40), text, fill="black", font=font)
+    ImageDraw.Draw(img).text((12, 14), text, fill="black", font=font)
     return img
 
 
@@ -34,9 +34,13 @@ def test_normalisation_and_distance():
     assert ocr_score("completely unrelated long text", "abc") == 0.0  # clamped at len
 
 
-def test_rapidocr_correct_high_wrong_low_blank_zero():
-    fn = build_reward("ocr")
-    images = [_render("Hello World"), _render("Quartz Box"), Image.new("RGB", (128, 128), "white")]
+@pytest.fixture(scope="module")
+def fn():
+    return build_reward("ocr", num_threads=1)  # one rapidocr engine for the module (its start-up is ~1 s)
+
+
+def test_rapidocr_correct_high_wrong_low_blank_zero(fn):
+    images = [_render("Hello World"), _render("Quartz Box"), Image.new("RGB", (64, 64), "white")]
     prompts = ['a sign that says "Hello World"'] * 3
     out = fn(images, prompts, [{}] * 3)
     assert out.valid.all()
@@ -46,8 +50,7 @@ def test_rapidocr_correct_high_wrong_low_blank_zero():
     assert out.details[0]["target"] == "Hello World"
 
 
-def test_missing_quote_is_invalid_not_crash():
-    fn = build_reward("ocr")
+def test_missing_quote_is_invalid_not_crash(fn):
     img = _render("Hello")
     out = fn([img, img], ["no quotes here", 'says "Hello"'], [{}, {}])
     assert out.valid.tolist() == [False, True]

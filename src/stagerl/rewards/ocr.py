@@ -85,24 +85,38 @@ class OcrReward(BatchedReward):
     """``ocr``: edit-distance reward between rapidocr's reading and the prompt's quoted text.
 
     kwargs: ``strip_punctuation`` (True), ``substring_is_exact`` (True, Flow-GRPO),
-    ``min_confidence`` (0: keep every recognised line), ``batch_size``.
-    rapidocr runs on CPU through onnxruntime; ``device``/``dtype`` are accepted and ignored.
+    ``min_confidence`` (0: keep every recognised line), ``num_threads`` (onnxruntime intra-op
+    threads; -1 = its default, all cores), ``det_limit_side_len`` (detector input's longest side,
+    default 960; 0 keeps rapidocr's short-side-736 rule), ``batch_size``. rapidocr runs on CPU through
+    onnxruntime; ``device``/``dtype`` are accepted and ignored.
     """
 
     name = "ocr"
 
     def __init__(self, strip_punctuation: bool = True, substring_is_exact: bool = True,
-                 min_confidence: float = 0.0, batch_size: int = 16, device: str | None = "cpu",
+                 min_confidence: float = 0.0, num_threads: int = -1,
+                 det_limit_side_len: int = 960, batch_size: int = 16,
+                 device: str | None = "cpu",
                  dtype: str | None = "float32"):
         super().__init__(batch_size=batch_size, device="cpu", dtype="float32")
         self.strip_punctuation = bool(strip_punctuation)
         self.substring_is_exact = bool(substring_is_exact)
         self.min_confidence = float(min_confidence)
+        self.num_threads = int(num_threads)
+        self.det_limit_side_len = int(det_limit_side_len)
         self._engine: Any = None
 
     def _load(self) -> None:
         rapidocr = require("rapidocr", self.name)
-        self._engine = rapidocr.RapidOCR()
+        # No text-angle classifier, as Flow-GRPO (use_angle_cls=False): rendered prompts are
+        # upright, and it saves a model call per line.
+        # rapidocr's default resizes the *short* side up to 736 px before detection; generated
+        # images are small, so cap the *long* side instead (``det_limit_side_len``, 0 = default).
+        params: dict[str, Any] = {"Global.use_cls": False, "Global.log_level": "warning",
+                  "EngineConfig.onnxruntime.intra_op_num_threads": self.num_threads}
+        if self.det_limit_side_len > 0:
+            params.update({"Det.limit_type": "max", "Det.limit_side_len": self.det_limit_side_len})
+        self._engine = rapidocr.RapidOCR(params=params)
 
     def read(self, image: Image.Image) -> tuple[str, list[dict[str, Any]]]:
         """All recognised lines joined (reading order as rapidocr returns them) + per-line info."""
