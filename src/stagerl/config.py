@@ -283,6 +283,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 def validate(cfg: Config) -> None:
     """Range/choice checks from field metadata, plus cross-field rules."""
+    if str(cfg.algo.entropy_reward) in ("False", "false"):  # YAML reads a bare `off` as False
+        cfg.algo.entropy_reward = "off"
     for section in dataclasses.fields(cfg):
         sub = getattr(cfg, section.name)
         for f in dataclasses.fields(sub):

@@ -61,8 +61,11 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
         raise UserError("model: no trainable parameters (check model.train_modules / model.lora)")
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    # The scheduler is stepped by us once per rollout, not prepared: accelerate's wrapper steps
+    # it once per process per call in multi-process runs.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    model, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     policy = accelerator.unwrap_model(model)
     if reference is not None:
         reference.to(accelerator.device)
@@ -95,7 +98,8 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
         gen = torch.Generator(device="cpu").manual_seed(
             _mix(cfg.run.seed, step * 1009 + accelerator.process_index))
         t0 = time.perf_counter()
-        ro = rollout(policy, reference, items, first, rewards, cfg, gen, train_forward=model)
+        with _full_params(accelerator, model):
+            ro = rollout(policy, reference, items, first, rewards, cfg, gen, train_forward=model)
         t1 = time.perf_counter()
         metrics = update(model, ro, optimizer, scheduler, accelerator, cfg)
         t2 = time.perf_counter()
@@ -133,8 +137,7 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
     # --- the end: checkpoint, export, evaluate ---------------------------------------------------
     if latest_checkpoint(ckpt_root) != ckpt_root / f"step_{state.step:06d}":
         save_checkpoint(accelerator, ckpt_root, state, to_yaml(cfg))
-    if main:
-        policy.save_pretrained(str(run_dir / "final"))
+    _export(accelerator, model, policy, run_dir / "final")
     eval_after = _evaluate(cfg, policy, accelerator, tracker, state.step, "after")
     tracker.close()
     accelerator.wait_for_everyone()
@@ -153,13 +156,18 @@ def update(model: Any, ro: Rollout, optimizer: Any, scheduler: Any, accelerator:
         log.warning("non-finite reward; step skipped")
         return None
     a, N = cfg.algo, len(ro)
-    chunks = torch.arange(N).chunk(min(cfg.optim.grad_accum, N))
+    if N < cfg.optim.grad_accum:
+        raise UserError(f"optim.grad_accum={cfg.optim.grad_accum} exceeds the {N} sequences "
+                        f"per process and step")
+    # Exactly grad_accum micro-batches per pass, so accelerate's accumulation counter (which
+    # decides when DDP syncs and when DeepSpeed steps inside backward) lines up with our passes.
+    chunks = torch.arange(N).tensor_split(cfg.optim.grad_accum)
     w_all, tok_all = ro.token_weights.sum(), float(ro.token_weights.numel())
     sums: dict[str, float] = {}
     for _ in range(a.updates_per_rollout):
         optimizer.zero_grad(set_to_none=True)
-        for k, idx in enumerate(chunks):
-            with _maybe_no_sync(accelerator, model, last=k == len(chunks) - 1):
+        for idx in chunks:
+            with accelerator.accumulate(model):
                 loss, mets = _micro_loss(model, ro, idx, cfg, w_all, tok_all, accelerator)
                 if not _all_finite(accelerator, loss.detach()):
                     optimizer.zero_grad(set_to_none=True)
@@ -222,7 +230,8 @@ def _make_accelerator(cfg: Config) -> Any:
     # launch --multi_gpu on CPU, platform.md) when told it runs on the CPU.
     has_accel = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) \
         or torch.backends.mps.is_available()
-    return Accelerator(cpu=cfg.run.cpu or not has_accel, mixed_precision=cfg.run.mixed_precision)
+    return Accelerator(cpu=cfg.run.cpu or not has_accel, mixed_precision=cfg.run.mixed_precision,
+                       gradient_accumulation_steps=cfg.optim.grad_accum)
 
 
 def _run_dir(cfg: Config) -> Path:
@@ -257,10 +266,30 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def _maybe_no_sync(accelerator: Any, model: Any, last: bool):
+def _full_params(accelerator: Any, model: Any):
+    """Sampling calls the bare module; under FSDP its parameters must be gathered first."""
     import contextlib
 
-    return contextlib.nullcontext() if last else accelerator.no_sync(model)
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.summon_full_params(model, writeback=False)
+    return contextlib.nullcontext()
+
+
+def _export(accelerator: Any, model: Any, policy: Any, path: Path) -> None:
+    """Write the final model; under ZeRO-3 / FSDP the full state dict is gathered on all ranks."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            policy.save_pretrained(str(path), state_dict=state_dict)
+    elif accelerator.is_main_process:
+        policy.save_pretrained(str(path))
+    accelerator.wait_for_everyone()
 
 
 def _clip(accelerator: Any, model: Any, max_norm: float) -> float:
