@@ -35,6 +35,7 @@ from PIL import Image
 
 from stagerl.errors import UserError
 from stagerl.rewards.base import RewardOutput, register_reward
+from stagerl.rewards.server import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class RemoteReward:
             hi = min(n, lo + self.batch_size)
             payload = {"request_id": uuid.uuid4().hex, "rewards": self.names,
                        "images": [encode_png(im) for im in images[lo:hi]],
-                       "prompts": list(prompts[lo:hi]), "metadata": metadata[lo:hi]}
+                       "prompts": list(prompts[lo:hi]), "metadata": jsonable(metadata[lo:hi])}
             try:
                 response = self._post(payload)
             except _Retryable as e:
@@ -99,7 +100,13 @@ class RemoteReward:
                 for i in range(lo, hi):
                     details[i] = {"error": f"remote reward server unreachable: {e}"}
                 continue
-            self._unpack(response, lo, hi, scores, valid, details)
+            try:
+                self._unpack(response, lo, hi, scores, valid, details)
+            except (KeyError, IndexError, TypeError) as e:
+                log.error("remote reward at %s sent a malformed answer: %r", self.url, e)
+                for i in range(lo, hi):
+                    scores[i], valid[i] = 0.0, False
+                    details[i] = {"error": f"malformed answer from the reward server: {e!r}"}
         return RewardOutput(scores=torch.tensor(scores), valid=torch.tensor(valid), details=details)
 
     def _unpack(self, response: dict[str, Any], lo: int, hi: int, scores: list[float],
