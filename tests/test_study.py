@@ -55,7 +55,8 @@ def test_cleanliness_of_ground_truth_blank_and_noise():
     qn = cleanliness(noise)
     assert qn["clean_pixel_frac"] < 0.2 and qn["offpalette_px_frac"] > 0.3
     # A ground-truth render with a stray blob: one more fragment, fewer clean pixels.
-    dirty = next(t.copy() for t in truth if (t[0:3, 0:10] == 255).all() and (t[31, 30:32] == 255).all())
+    dirty = next(t.copy() for t in truth
+                 if (t[0:3, 0:10] == 255).all() and (t[31, 30:32] == 255).all())
     dirty[0:3, 0:10] = (0, 0, 255)  # a 10x3 blue bar is no shape: a fragment
     dirty[31, 30:32] = (255, 0, 0)  # 2 px: speckle the reward never sees
     qd = cleanliness([dirty])

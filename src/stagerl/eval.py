@@ -11,7 +11,8 @@ Entry points:
 - :func:`evaluate_prompts` -- the same on already-loaded :class:`PromptItem` s.
 
 Rerunning on the same output folder skips work already done: complete prompt folders are not
-sampled again, and per-prompt reward scores (``scores.json``) are not recomputed. ``eval_config.json``
+sampled again, and per-prompt reward scores (``scores.json``) are not
+recomputed. ``eval_config.json``
 records the sampling settings of a folder; reusing it with different settings is a UserError,
 because the cached images would silently belong to another configuration.
 """
@@ -45,7 +46,8 @@ def shapes_items(suite: str, n_prompts: int, seed: int = 1234) -> list[PromptIte
     from stagerl.worlds.shapes.prompts import generate
 
     split = SUITE_ALIASES.get(suite, suite)
-    return [PromptItem(ex.prompt, ex.metadata) for ex in generate(n_prompts, seed=seed, split=split)]
+    examples = generate(n_prompts, seed=seed, split=split)
+    return [PromptItem(ex.prompt, ex.metadata) for ex in examples]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -54,8 +56,9 @@ def shapes_items(suite: str, n_prompts: int, seed: int = 1234) -> list[PromptIte
 
 def benchmark_category(path: str | Path) -> str:
     """Category of a prompt-list file from its name: ``color_val.txt`` -> ``color``,
-    ``3d_spatial_val.txt`` -> ``3d_spatial``. Split words (val, test, prompts...) are dropped; a name
-    that is nothing but split words (``ocr/test_prompts.txt``) takes its folder's name (``ocr``)."""
+    ``3d_spatial_val.txt`` -> ``3d_spatial``. Split words (val, test, prompts...) are dropped; a
+    name that is nothing but split words (``ocr/test_prompts.txt``) takes its folder's name
+    (``ocr``)."""
     p = Path(path)
     words = [w for w in re.split(r"[_\-.]+", p.stem.lower()) if w]
     kept = [w for w in words if w not in _SPLIT_WORDS]
@@ -226,7 +229,7 @@ def _store_scores(out_dir: Path, index: int, name: str, scores: list[float], val
 
 def _score_reward(name: str, kwargs: dict, per_prompt: list[list[Image.Image]],
                   items: list[PromptItem], out_dir: Path | None) -> tuple[list, list]:
-    """Scores [P][n] and valid [P][n] of one reward, computing only prompts without cached scores."""
+    """Scores [P][n] and valid [P][n] of one reward; prompts with cached scores are not rescored."""
     from stagerl.rewards.base import build_reward
 
     n = len(per_prompt[0]) if per_prompt else 0
@@ -278,12 +281,14 @@ def evaluate_prompts(policy: Any, items: list[PromptItem], reward_names: list[st
               "cfg_scale": params.cfg_scale, "scores": table}
     if out_dir:
         (out_dir / "results.json").write_text(json.dumps(result, indent=1))
-        head = title or f"{len(items)} prompts x {images_per_prompt} images: mean reward by category"
+        head = title or (f"{len(items)} prompts x {images_per_prompt} images: mean reward by "
+                         f"category")
         (out_dir / "results.md").write_text(markdown_table(table, head))
     return result
 
 
-def _per_tag(scores: list[list[float]], valid: list[list[bool]], tags: list[str]) -> dict[str, float]:
+def _per_tag(scores: list[list[float]], valid: list[list[bool]],
+             tags: list[str]) -> dict[str, float]:
     """Mean valid score per tag, overall = mean of tags (GenEval's convention), invalid count."""
     per_tag: dict[str, float] = {}
     for tag in sorted(set(tags)):

@@ -1,4 +1,5 @@
-"""Quality and drift measures on the shapes world that the training reward does not see (issue 7 §2).
+"""Quality and drift measures on the shapes world that the training reward does not see
+(issue 7 §2).
 
 The strict reward is one bit per image. These measures look at *how* an image is made and at how
 far the policy has moved, so they can show drift that a rising reward hides:
@@ -6,8 +7,8 @@ far the policy has moved, so they can show drift that a rising reward hides:
 - **cleanliness** (exact detector, worlds/shapes/detect.py):
   - ``fragments_per_image``: components that are not clean shapes (the strict reward fails an image
     with any, but does not count them, so a policy can get dirtier on images it already fails);
-  - ``speckle_px_per_image``: pixels in tiny components the detector ignores (< min_fragment_pixels);
-    the reward never sees them at all;
+  - ``speckle_px_per_image``: pixels in tiny components the detector ignores
+    (< min_fragment_pixels); the reward never sees them at all;
   - ``clean_pixel_frac``: of the non-background pixels, the fraction that belongs to well-formed
     shapes (mean over non-empty images);
   - ``empty_image_frac``: images with nothing but background.
@@ -160,8 +161,8 @@ def token_drift(policy: Any, images: Sequence[Image.Image | np.ndarray],
 @torch.no_grad()
 def kl_to_base(policy: Any, base: Any, prompts: list[str], tokens: torch.Tensor,
                batch: int = 256) -> dict[str, float]:
-    """Per-token k3 KL(policy || base) on ``tokens`` [N, L] (the policy's own samples), teacher-forced
-    under both models' conditional logits; plus mean k1 and both mean entropies."""
+    """Per-token k3 KL(policy || base) on ``tokens`` [N, L] (the policy's own samples),
+    teacher-forced under both models' conditional logits; plus mean k1 and both mean entropies."""
     if len(prompts) != len(tokens):
         raise ValueError(f"{len(prompts)} prompts but {len(tokens)} token rows")
     sums = {"kl_k3": 0.0, "kl_k1": 0.0, "entropy": 0.0, "base_entropy": 0.0}
@@ -192,7 +193,7 @@ def kl_to_base(policy: Any, base: Any, prompts: list[str], tokens: torch.Tensor,
 def quality_measures(policy: Any, base: Any | None, prompts: list[str],
                      images: Sequence[Image.Image], reference_hist: torch.Tensor,
                      spec: WorldSpec = WorldSpec()) -> dict[str, float]:
-    """Cleanliness + token drift + (with ``base``) KL to the base model, for N images of N prompts."""
+    """Cleanliness + token drift + (with ``base``) KL to the base model; N images of N prompts."""
     out = cleanliness(images, spec)
     out.update(token_drift(policy, images, reference_hist))
     if base is not None:

@@ -288,7 +288,8 @@ def command_line(args: argparse.Namespace) -> str:
             continue
         if value != defaults[key] and value not in (None, [], ""):
             flag = "--" + key.replace("_", "-")
-            parts.append(f"{flag} {' '.join(value)}" if isinstance(value, list) else f"{flag} {value}")
+            text = " ".join(value) if isinstance(value, list) else str(value)
+            parts.append(f"{flag} {text}")
     return " ".join(parts)
 
 

@@ -140,9 +140,9 @@ def quality_table(summary: dict, groups: dict) -> str:
     return ("### Quality and drift (all three suites' images pooled)\n\n"
             + markdown_table(_table_rows(summary, groups, keys),
                              "Measures the reward does not see (src/stagerl/quality.py)")
-            + f"\nCode-JSD floor (ground-truth renders of as many `test` prompts vs the pretraining "
-              f"histogram; what a perfect model would score at this sample size): {floor:.4f} "
-              f"bits.\n")
+            + f"\nCode-JSD floor (ground-truth renders of as many `test` prompts vs the "
+              f"pretraining histogram; what a perfect model would score at this sample size): "
+              f"{floor:.4f} bits.\n")
 
 
 def _sentence(label: str, c: dict[str, Any], a_name: str, b_name: str) -> str:
@@ -165,8 +165,8 @@ def findings(summary: dict, groups: dict) -> list[str]:
             lines.append(_sentence(label, c, "vanilla GRPO", "the base model"))
         lines.append("")
     if grpo and stage:
-        lines.append("**Claim 2: STAGE keeps the gain and holds out-of-distribution scores, quality, "
-                     "entropy and KL.** STAGE vs vanilla GRPO:")
+        lines.append("**Claim 2: STAGE keeps the gain and holds out-of-distribution scores, "
+                     "quality, entropy and KL.** STAGE vs vanilla GRPO:")
         for key, label, hb in HEADLINE:
             c = compare([r.get(key, float("nan")) for r in stage],
                         [r.get(key, float("nan")) for r in grpo], hb)
@@ -193,8 +193,8 @@ def conditions_section(summary: dict, groups: dict) -> list[str]:
         name = "main study" if cond is None else f"{cond}: {CONDITIONS[cond]['help']}"
         row = {}
         for key, label, hb in keys:
-            c = compare([r.get(key, float("nan")) for r in s], [r.get(key, float("nan")) for r in g],
-                        hb)
+            c = compare([r.get(key, float("nan")) for r in s],
+                        [r.get(key, float("nan")) for r in g], hb)
             mark = f" ({c['word']})" if c["clear"] else ""
             row[label] = f"{c['d']:+.3f} ± {2 * c['se']:.3f}{mark}"
         rows[name] = row
@@ -231,15 +231,16 @@ def render_markdown(summary: dict, command: str, figures: dict[str, str]) -> str
               f"{plan['seeds']} each; base model `{plan['model']}`.",
               f"- equal sample budget: {cfg['steps']} steps x P={cfg['P']} prompts x G={cfg['G']} "
               f"samples = {samples} samples per run; lr {cfg['lr']:g}, beta {cfg['beta']:g} (rows "
-              f"with KL), CFG {cfg['cfg_scale']:g}; extra overrides: {plan['overrides'] or 'none'}.",
+              f"with KL), CFG {cfg['cfg_scale']:g}; extra overrides: "
+              f"{plan['overrides'] or 'none'}.",
               f"- evaluation: {plan['eval_prompts']} prompts x {plan['eval_images']} images per "
               f"suite, the same prompts and sampling seeds for every model; during training, "
               f"{plan['curve_prompts']} `{plan['curve_suite']}` prompts x {plan['curve_images']} "
               f"images every {max(1, cfg['steps'] // (plan['curve_points'] + 1))} steps.",
-              f"- wall time {summary['wall_seconds'] / 60:.1f} min ({summary['train_seconds'] / 60:.1f} "
-              f"min training), {summary['reused_runs']} of {len(summary['runs'])} runs reused from "
-              f"an earlier invocation; the 2 CPU cores were shared with other jobs, so times are "
-              f"upper bounds.", "",
+              f"- wall time {summary['wall_seconds'] / 60:.1f} min "
+              f"({summary['train_seconds'] / 60:.1f} min training), {summary['reused_runs']} of "
+              f"{len(summary['runs'])} runs reused from an earlier invocation; the 2 CPU cores "
+              f"were shared with other jobs, so times are upper bounds.", "",
               "Tables show mean ± sample std over seeds (the base model is one deterministic "
               "model: no std). Strict = GenEval's rules plus no unrequested objects and no "
               "fragments (the training reward); overall = mean of the per-tag accuracies.", "",
@@ -252,9 +253,9 @@ def render_markdown(summary: dict, command: str, figures: dict[str, str]) -> str
     for name, path in figures.items():
         lines += [f"![{name}]({path})", ""]
     lines += ["Curves are means over seeds with a ± 1 std band; the reward is the raw reward "
-              "column (without the entropy bonus), smoothed with a moving average. Rows without a "
-              "reference model (w/o Ent & KL) log no KL or reference entropy during training; their "
-              "final KL is in the quality table.", ""]
+              "column (without the entropy bonus), smoothed with a moving average. Rows without "
+              "a reference model (w/o Ent & KL) log no KL or reference entropy during training; "
+              "their final KL is in the quality table.", ""]
     lines += conditions_section(summary, groups)
     return "\n".join(lines) + "\n"
 
