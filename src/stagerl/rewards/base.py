@@ -74,7 +74,7 @@ def _load_builtin_rewards() -> None:
     import stagerl.rewards as pkg
 
     for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name not in ("base", "__init__"):
+        if mod.name != "base" and not mod.name.startswith("_"):
             importlib.import_module(f"stagerl.rewards.{mod.name}")
 
 
