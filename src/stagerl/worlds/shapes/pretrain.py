@@ -234,8 +234,22 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None,
               "evals": evals}
     if out_dir is not None:
         ema.save_pretrained(out_dir)
+        check = write_check(ema, spec, result, out_dir)
+        result["check"] = {k: check[k] for k in ("prompts", "images_per_prompt", "cfg_scale",
+                                                 "seed", "strict")}
         (Path(out_dir) / "pretrain_results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def write_check(model: TinyPolicy, spec: WorldSpec, result: dict[str, Any], out_dir: str | Path,
+                prompts: int = 60) -> dict[str, Any]:
+    """Score a small fixed subset (the first ``prompts`` eval prompts, same seeds, best CFG) and
+    save it as eval_check.json: the reference tests/test_shipped_model.py reproduces in seconds."""
+    cfg = result["config"]
+    check = evaluate_policy(model, spec, min(prompts, cfg["eval_prompts"]),
+                            cfg["eval_images_per_prompt"], best_cfg_scale(result), cfg["eval_seed"])
+    (Path(out_dir) / "eval_check.json").write_text(json.dumps(check, indent=2) + "\n")
+    return check
 
 
 def best_cfg_scale(result: dict[str, Any]) -> float:
@@ -272,6 +286,12 @@ def model_card(result: dict[str, Any], command: str) -> str:
         "- Overall = mean of the six per-category accuracies (GenEval's convention).",
         f"- Recommended CFG scale: **{best_cfg_scale(result)}** (best strict overall among those "
         "evaluated; issue 3: 3-5 makes this model draw extra objects).", ""]
+    if "check" in result:
+        ck = result["check"]
+        lines += [f"- Quick check (`eval_check.json`, reproduced by tests/test_shipped_model.py): "
+                  f"the first {ck['prompts']} of those prompts x {ck['images_per_prompt']} images "
+                  f"at CFG {ck['cfg_scale']}, seed {ck['seed']}: strict overall "
+                  f"{ck['strict']['overall']:.3f}.", ""]
     for ev in result["evals"]:
         lines += [f"### CFG {ev['cfg_scale']} (mean partial-credit score {ev['score']:.3f})", "",
                   format_table(ev), ""]
