@@ -8,7 +8,7 @@ same seeded generator (so they draw the same tokens), at:
 
 Prints images per second for each and the ratio; states the torch thread count used.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rollout.py [--threads 1] [--batch 32] [--repeats 3]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rollout.py [--threads 1] [--batch 16]
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def random_model(grid: int, codes: int = 512, patch: int = 4, seed: int = 0) -> 
     return TinyPolicy(cfg, tok, vocab).eval()
 
 
-def time_sampling(model: TinyPolicy, prompts: list[str], use_cache: bool, repeats: int) -> tuple[float, torch.Tensor]:
+def time_sampling(model: TinyPolicy, prompts: list[str], use_cache: bool,
+                  repeats: int) -> tuple[float, torch.Tensor]:
     """Best-of-``repeats`` seconds for one batch, and the tokens drawn."""
     inputs = model.encode_prompts(prompts)
     params = SamplingParams(cfg_scale=2.0)
@@ -51,14 +52,16 @@ def time_sampling(model: TinyPolicy, prompts: list[str], use_cache: bool, repeat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--batch", type=int, default=32, help="prompts per sampling call (CFG doubles the rows)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is kept")
+    parser.add_argument("--batch", type=int, default=16,
+                        help="prompts per sampling call (CFG doubles the rows)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats; the best is kept")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prompts = [e.prompt for e in generate(args.batch, 0, split="test")]
     print(f"torch threads: {torch.get_num_threads()}   batch: {args.batch} prompts, CFG 2.0 "
           f"(2x{args.batch} rows), best of {args.repeats}")
-    print(f"{'grid':>6} {'tokens':>6} {'cache img/s':>12} {'no-cache img/s':>15} {'speed-up':>9} same-tokens")
+    print(f"{'grid':>6} {'tokens':>6} {'cache img/s':>12} {'no-cache img/s':>15} "
+          f"{'speed-up':>9} same-tokens")
     for grid in (8, 16):
         model = random_model(grid)
         with torch.inference_mode():

@@ -89,7 +89,8 @@ def test_modes_differ_under_guidance(policy: TinyPolicy) -> None:
 
 def test_entropy_matches_direct_computation(policy: TinyPolicy) -> None:
     inputs = policy.encode_prompts(PROMPTS)
-    tokens = torch.randint(0, policy.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(0, policy.config.vocab_size, (3, 16),
+                           generator=torch.Generator().manual_seed(3))
     for mode, s, temp in [("cond", 1.0, 1.0), ("cfg", 2.0, 0.8)]:
         stats = policy(inputs, tokens, mode, s, temp)
         c = policy.image_logits(inputs.cond_ids, inputs.cond_mask, tokens)
@@ -103,7 +104,8 @@ def test_entropy_matches_direct_computation(policy: TinyPolicy) -> None:
 
 def test_gradients_chunked_equal_unchunked_and_uncond_detached(policy: TinyPolicy) -> None:
     inputs = policy.encode_prompts(PROMPTS)
-    tokens = torch.randint(0, policy.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(4))
+    tokens = torch.randint(0, policy.config.vocab_size, (3, 16),
+                           generator=torch.Generator().manual_seed(4))
     grads = []
     for chunk in (0, 3):
         policy.zero_grad()

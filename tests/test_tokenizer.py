@@ -94,7 +94,8 @@ def test_keeps_the_most_frequent_patches() -> None:
     images = np.stack(tiles)  # [9, 2, 2, 3]
     tok = PatchTokenizer.fit(images, codebook_size=2, patch=2)
     assert tok.vocab_size == 2
-    assert torch.equal(tok.codebook[0], torch.from_numpy(a)) and torch.equal(tok.codebook[1], torch.from_numpy(b))
+    assert torch.equal(tok.codebook[0], torch.from_numpy(a))
+    assert torch.equal(tok.codebook[1], torch.from_numpy(b))
     # c (value 90) is nearer to a (|90 - 10| = 80) than to b (|200 - 90| = 110): it encodes to a
     assert tok.encode(c[None]).tolist() == [[0]]
 

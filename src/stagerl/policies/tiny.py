@@ -8,13 +8,13 @@ batch of 2N rows. Llama-style pre-RMSNorm blocks with a SwiGLU MLP; learned abso
 (enough for a fixed 8x8 grid; LlamaGen uses 2D RoPE).
 
 Sequence layout (fixed, so every row shares positions): ``T`` prompt slots, left-padded with
-``<pad>`` (pads are masked out as keys), then the image tokens. The hidden state at slot ``T - 1 + t``
-predicts image token ``t``. The unconditional branch is the "null prompt": a single ``<null>`` word,
-exactly what prompt dropout substitutes during pretraining.
+``<pad>`` (pads are masked out as keys), then the image tokens. The hidden state at slot
+``T - 1 + t`` predicts image token ``t``. The unconditional branch is the "null prompt": a single
+``<null>`` word, exactly what prompt dropout substitutes during pretraining.
 
 Distributions (policies/base.py): *behaviour* = guided logits / temperature, truncated by top-k /
-top-p; *scored* = conditional (``"cond"``) or guided with a detached unconditional branch (``"cfg"``)
-logits / temperature, never truncated.
+top-p; *scored* = conditional (``"cond"``) or guided with a detached unconditional branch
+(``"cfg"``) logits / temperature, never truncated.
 """
 
 from __future__ import annotations
@@ -76,14 +76,15 @@ class PromptVocab:
         return len(self.words)
 
     def encode(self, prompts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ids [N, length] and mask [N, length]; over-long prompts keep their first words."""
+        """Left-padded ids [N, length] and mask [N, length]; long prompts keep their first words."""
         ids = torch.zeros(len(prompts), length, dtype=torch.long)  # <pad> = 0
         mask = torch.zeros(len(prompts), length, dtype=torch.bool)
         unk = self.index[self.UNK]
         for i, prompt in enumerate(prompts):
             words = self.split(prompt)
             if len(words) > length:
-                log.warning("prompt has %d words, the model reads %d: %r", len(words), length, prompt)
+                log.warning("prompt has %d words, the model reads %d: %r", len(words), length,
+                            prompt)
                 words = words[:length]
             if words:
                 ids[i, length - len(words):] = torch.tensor([self.index.get(w, unk) for w in words])
@@ -156,7 +157,7 @@ class _Block(nn.Module):
 
 
 class TinyPolicy(nn.Module):
-    """Decoder-only transformer over [prompt words | image codes]; implements policies.base.Policy."""
+    """Decoder-only transformer over [prompt words | image codes]; a policies.base.Policy."""
 
     def __init__(self, config: TinyConfig, tokenizer: PatchTokenizer, vocab: PromptVocab) -> None:
         super().__init__()
@@ -202,7 +203,8 @@ class TinyPolicy(nn.Module):
     # ---- core network --------------------------------------------------------------------------
     def _run(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, image_in: torch.Tensor,
              cache: _KVCache | None = None) -> torch.Tensor:
-        """Hidden states [B, S, d] of the new positions: the prompt (if the cache is empty) + image_in.
+        """Hidden states [B, S, d] of the new positions: the prompt (if the cache is empty) and
+        image_in.
 
         prompt_ids/mask [B, T]; image_in [B, S_img] codes already sampled. With a cache, only the
         positions after ``cache.length`` are computed.
@@ -257,7 +259,7 @@ class TinyPolicy(nn.Module):
     def forward(self, inputs: PromptInputs, tokens: torch.Tensor, logprob_mode: str = "cond",
                 cfg_scale: float = 1.0, temperature: float = 1.0,
                 chunk_size: int = 0) -> TokenStats:
-        """Teacher-forced log-probs and entropies of ``tokens`` [N, L] under the scored distribution."""
+        """Teacher-forced log-probs and entropies of ``tokens`` [N, L], scored distribution."""
         if logprob_mode not in LOGPROB_MODES:
             raise ValueError(f"logprob_mode must be one of {LOGPROB_MODES}, got {logprob_mode!r}")
         h_cond = self.image_hidden(inputs.cond_ids, inputs.cond_mask, tokens)  # [N, L, d]
@@ -298,7 +300,7 @@ class TinyPolicy(nn.Module):
     @torch.no_grad()
     def sample(self, inputs: PromptInputs, params: SamplingParams,
                generator: torch.Generator | None = None, *, use_cache: bool = True) -> SampleOutput:
-        """CFG sampling; ``use_cache=False`` recomputes the whole prefix every step (for tests/bench)."""
+        """CFG sampling; ``use_cache=False`` recomputes the prefix every step (tests/benchmark)."""
         if params.logprob_mode not in LOGPROB_MODES:
             raise ValueError(f"logprob_mode must be one of {LOGPROB_MODES}")
         n, n_tok, s = len(inputs), self.num_image_tokens, float(params.cfg_scale)
@@ -325,7 +327,7 @@ class TinyPolicy(nn.Module):
             lp_scored = torch.log_softmax(base / params.temperature, dim=-1)
             lp_beh = torch.log_softmax(self._truncate(g / params.temperature, params.top_k,
                                                       params.top_p), dim=-1)
-            # Inverse-CDF draw: exactly one uniform per row per step, whatever the path (cache or not).
+            # Inverse-CDF draw: one uniform per row per step, whatever the path (cache or not).
             cdf = lp_beh.exp().cumsum(-1)
             r = torch.rand(n, 1, generator=generator,
                            device=generator.device if generator is not None else dev).to(dev)
@@ -349,7 +351,7 @@ class TinyPolicy(nn.Module):
 
     # ---- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
-        """Write model.safetensors, config.json, vocab.json and tokenizer.safetensors to ``path``."""
+        """Write model.safetensors, config.json, vocab.json and tokenizer.safetensors."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
@@ -372,7 +374,8 @@ class TinyPolicy(nn.Module):
             model = cls(config, PatchTokenizer.load(src), vocab)
             model.load_state_dict(load_file(str(src / _WEIGHTS)))
         except (TypeError, ValueError, RuntimeError, KeyError) as err:
-            raise UserError(f"model.path {str(src)!r}: cannot load the tiny policy ({err})") from err
+            raise UserError(f"model.path {str(src)!r}: cannot load the tiny policy ({err})"
+                            ) from err
         return model
 
 

@@ -72,9 +72,10 @@ class PretrainConfig:
     grad_clip: float = _f(1.0, "Max global gradient norm; 0 = off.")
     prompt_dropout: float = _f(0.1, "Probability of replacing a prompt by the null prompt, which "
                                "trains the unconditional branch for CFG (LlamaGen; issue 3: 10 %).")
-    ema_decay: float = _f(0.995, "EMA decay of the weights; the EMA is saved and evaluated; 0 = off.")
-    eval_prompts: int = _f(240, "Held-out 'test' split prompts for the final evaluation (a multiple "
-                           "of 6 gives every category the same count).")
+    ema_decay: float = _f(0.995, "EMA decay of the weights; the EMA is saved and evaluated; "
+                          "0 = off.")
+    eval_prompts: int = _f(240, "Held-out 'test' split prompts for the final evaluation (a "
+                           "multiple of 6 gives every category the same count).")
     eval_images_per_prompt: int = _f(4, "Images sampled per evaluation prompt.")
     eval_cfg_scales: list[float] = _f([1.5, 2.0, 2.5, 3.0], "CFG scales to evaluate at (issue 3: "
                                       "1.5-3 suit this model); the card recommends the best.")
@@ -131,7 +132,7 @@ def _ema_update(ema: TinyPolicy, model: TinyPolicy, decay: float) -> None:
 
 def train(model: TinyPolicy, inputs: PromptInputs, tokens: torch.Tensor,
           cfg: PretrainConfig) -> tuple[TinyPolicy, list[float]]:
-    """Teacher-forced cross-entropy training. tokens [N, L]; returns (EMA model, per-step losses)."""
+    """Teacher-forced cross-entropy. tokens [N, L]; returns (EMA model, per-step losses)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     decay, no_decay = [], []
     for p in model.parameters():
@@ -278,7 +279,8 @@ def model_card(result: dict[str, Any], command: str) -> str:
         f"- Wall time: {result['total_seconds']:.0f} s total ({result['train_seconds']:.0f} s "
         f"training) with {result['threads']} torch thread(s), on a shared 2-core CPU.", "",
         "## Evaluation protocol",
-        f"- Split `{result['evals'][0]['split']}` (held-out seed stream, in-distribution templates), "
+        f"- Split `{result['evals'][0]['split']}` (held-out seed stream, in-distribution "
+        "templates), "
         f"the first {cfg['eval_prompts']} prompts of seed {cfg['eval_seed']} (categories cycle, so "
         f"{cfg['eval_prompts'] // 6} per category), {cfg['eval_images_per_prompt']} images per "
         f"prompt, one torch.Generator seeded {cfg['eval_seed']} for all sampling, temperature 1, "
@@ -323,7 +325,8 @@ def run_cli(args: argparse.Namespace) -> int:
     """Run the recipe from parsed CLI args, print the evaluator's table; returns the exit code."""
     from stagerl.errors import UserError
 
-    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
+    names = [f.name for f in dataclasses.fields(PretrainConfig)]
+    cfg = PretrainConfig(**{name: getattr(args, name) for name in names})
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.train_examples < 1 or cfg.eval_prompts < 1:
         raise UserError("pretrain: steps, batch-size, train-examples and eval-prompts must be >= 1")
     result = pretrain(cfg, args.out)

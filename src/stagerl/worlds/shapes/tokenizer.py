@@ -6,8 +6,9 @@ patches of the training renders; encoding picks the nearest codebook patch (L2 i
 decoding is a table lookup.
 
 Why not k-means or a learned VQ-VAE: issue 3 measured that k-means centroids blur edges and colours
-(the exact evaluator passed only 28-78 % of their reconstructions) and a small VQ-VAE collapsed to 32
-used codes. Real patches keep saturated colours and crisp edges, so >= 99 % of reconstructions pass.
+(the exact evaluator passed only 28-78 % of their reconstructions) and a small VQ-VAE collapsed to
+32 used codes. Real patches keep saturated colours and crisp edges, so >= 99 % of reconstructions
+pass (the default world has only ~420 distinct patches, so there reconstruction is exact).
 
 Code embeddings (method.md §3, q_{i,t}): STAGE's similarity weights use cos(q_i, q_j) between the
 codebook vectors of two tokens, so the cosine must track how alike the two patches look. We use the
@@ -49,7 +50,7 @@ def _to_patches(images: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 class PatchTokenizer:
-    """Nearest-patch VQ over a codebook of real patches. Everything is derived from canvas + patch."""
+    """Nearest-patch VQ over a codebook of real patches; shapes derive from canvas and patch."""
 
     def __init__(self, codebook: torch.Tensor, canvas: tuple[int, int], patch: int) -> None:
         self.codebook = codebook.to(torch.uint8).contiguous()  # [K, p, p, 3] uint8 patches
@@ -79,7 +80,8 @@ class PatchTokenizer:
     @classmethod
     def fit(cls, images: np.ndarray | torch.Tensor, codebook_size: int = 512,
             patch: int = 4) -> "PatchTokenizer":
-        """Codebook = the ``codebook_size`` most frequent distinct patches of ``images`` [N, H, W, 3].
+        """Codebook = the ``codebook_size`` most frequent distinct patches of ``images``
+        [N, H, W, 3].
 
         Ties in frequency are broken by the patch bytes, so the result is deterministic. When the
         images hold fewer distinct patches than ``codebook_size`` (the default world has ~420 on its
@@ -103,7 +105,8 @@ class PatchTokenizer:
         """uint8 [N, H, W, 3] -> LongTensor [N, L] of nearest codebook patches (L2 in pixels)."""
         images = torch.as_tensor(np.asarray(images), dtype=torch.uint8)
         if tuple(images.shape[1:3]) != self.canvas:
-            raise ValueError(f"images are {tuple(images.shape[1:3])}, tokenizer canvas is {self.canvas}")
+            raise ValueError(f"images are {tuple(images.shape[1:3])}, tokenizer canvas is "
+                             f"{self.canvas}")
         out = []
         for start in range(0, len(images), batch):
             p = _to_patches(images[start:start + batch], self.patch).float() / 255.0  # [n, L, D]
@@ -150,7 +153,8 @@ class PatchTokenizer:
         """Read a tokenizer written by :meth:`save`."""
         path = Path(directory) / _FILE
         if not path.is_file():
-            raise UserError(f"no tokenizer at {path} (expected a file written by PatchTokenizer.save)")
+            raise UserError(f"no tokenizer at {path} (expected a file written by "
+                            f"PatchTokenizer.save)")
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
