@@ -176,6 +176,9 @@ def test_builder_errors_name_the_path(tmp_path) -> None:
     for path in [str(tmp_path / "nope"), str(tmp_path)]:
         with pytest.raises(UserError, match="model.path"):
             build_policy(types.SimpleNamespace(kind="tiny", path=path, dtype="float32"), False)
+    with pytest.raises(UserError, match="model.lora"):
+        build_policy(types.SimpleNamespace(kind="tiny", path="builtin:shapes", dtype="float32",
+                                           lora=True), False)
     with pytest.raises(UserError, match="builtin:nothing"):
         build_policy(types.SimpleNamespace(kind="tiny", path="builtin:nothing", dtype="float32"),
                      False)

@@ -400,6 +400,9 @@ def resolve_model_path(path: str) -> Path:
 @register_policy("tiny")
 def build_tiny(model_cfg: Any, need_reference: bool) -> PolicyPair:
     """Load the tiny policy from ``model_cfg.path``; the reference is a frozen deep copy."""
+    if getattr(model_cfg, "lora", False):
+        raise UserError("model.lora: LoRA adapters are supported for model.kind 'janus' only; the "
+                        "tiny policy trains all of its ~1M weights")
     directory = resolve_model_path(str(model_cfg.path))
     if not directory.is_dir():
         raise UserError(f"model.path {str(directory)!r} does not exist or is not a directory")
