@@ -303,6 +303,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
     parser.add_argument("--out", default="runs/study", help="runs and evaluations go here")
     parser.add_argument("--docs", default="docs", help="results.md and its figures go here")
+    parser.add_argument("--prefix", default="results",
+                        help="file names in --docs: <prefix>.md and <prefix>_*.png")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma list of ablation rows")
     parser.add_argument("--steps", type=int, default=None, help="override the training steps")
     parser.add_argument("--model", default="builtin:shapes", help="base model directory")
@@ -368,7 +370,7 @@ def run_cli(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     cmd = command_line(args)
     summary = run_study(plan, args.out, progress=lambda msg: print(msg, flush=True))
-    paths = write_report(summary, args.docs, args.out, command=cmd)
+    paths = write_report(summary, args.docs, args.out, command=cmd, prefix=args.prefix)
     print(f"study finished in {summary['wall_seconds'] / 60:.1f} min "
           f"({summary['reused_runs']} of {len(summary['runs'])} runs reused)")
     for p in paths:

@@ -81,11 +81,17 @@ def stats(values: list[float]) -> tuple[float, float, int]:
     return float(np.mean(vals)), std, len(vals)
 
 
-def fmt(values: list[float], digits: int = 3) -> str:
+def _digits(x: float) -> int:
+    """3 decimals, 4 for small magnitudes (KL and JSD live around 1e-3)."""
+    return 4 if 0 < abs(x) < 0.1 else 3
+
+
+def fmt(values: list[float]) -> str:
     m, s, n = stats(values)
     if n == 0:
         return "n/a"
-    return f"{m:.{digits}f}" if n == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
+    d = _digits(m)
+    return f"{m:.{d}f}" if n == 1 else f"{m:.{d}f} ± {s:.{d}f}"
 
 
 def compare(a: list[float], b: list[float], higher_better: bool | None) -> dict[str, Any]:
@@ -146,7 +152,9 @@ def quality_table(summary: dict, groups: dict) -> str:
 
 
 def _sentence(label: str, c: dict[str, Any], a_name: str, b_name: str) -> str:
-    diff = f"{c['a']:.3f} vs {c['b']:.3f} (difference {c['d']:+.3f}, 2 se = {2 * c['se']:.3f})"
+    k = max(_digits(c["a"]), _digits(c["b"]), _digits(c["d"]))
+    diff = (f"{c['a']:.{k}f} vs {c['b']:.{k}f} (difference {c['d']:+.{k}f}, "
+            f"2 se = {2 * c['se']:.{k}f})")
     if c["word"] in ("better", "worse"):
         return f"- **{label}**: {a_name} is {c['word']} than {b_name}: {diff}."
     return f"- **{label}**: no clear difference between {a_name} and {b_name}: {diff}."
@@ -196,7 +204,8 @@ def conditions_section(summary: dict, groups: dict) -> list[str]:
             c = compare([r.get(key, float("nan")) for r in s],
                         [r.get(key, float("nan")) for r in g], hb)
             mark = f" ({c['word']})" if c["clear"] else ""
-            row[label] = f"{c['d']:+.3f} ± {2 * c['se']:.3f}{mark}"
+            k = _digits(c["d"])
+            row[label] = f"{c['d']:+.{k}f} ± {2 * c['se']:.{k}f}{mark}"
         rows[name] = row
     lines.append(markdown_table(rows, "STAGE − vanilla GRPO per condition"))
     for cond in conds:
