@@ -31,26 +31,37 @@ class PromptSource:
 
 
 class ShapesSource(PromptSource):
-    """Fresh procedural prompts from the shapes world, seeded per position (never repeats an index)."""
+    """Fresh procedural prompts from the shapes world.
 
-    def __init__(self, split: str, seed: int, spec: Any = None):
+    Positions are grouped in blocks of ``block`` prompts, each generated with its own seed: the
+    generator cycles through the categories, so a block (a multiple of the six GenEval tags) is
+    balanced, and prompt ``p`` depends only on (seed, p), never on the batch size.
+    """
+
+    def __init__(self, split: str, seed: int, spec: Any = None, block: int = 60):
         from stagerl.worlds.shapes.prompts import SPLITS
         from stagerl.worlds.shapes.spec import WorldSpec
 
         if split not in SPLITS:
             raise UserError(f"data.source: unknown shapes split {split!r}; choose from "
                             f"{', '.join(SPLITS)}")
-        self.split, self.seed, self.spec = split, seed, spec or WorldSpec()
+        self.split, self.seed, self.spec, self.block = split, seed, spec or WorldSpec(), block
+        self._cache: dict[int, list[PromptItem]] = {}
 
-    def batch(self, position: int, n: int) -> list[PromptItem]:
+    def _block(self, b: int) -> list[PromptItem]:
         from stagerl.worlds.shapes.prompts import generate
 
-        # One generator call per prompt keeps prompt `position + k` independent of n.
-        out = []
-        for k in range(n):
-            ex = generate(1, seed=_mix(self.seed, position + k), spec=self.spec, split=self.split)[0]
-            out.append(PromptItem(ex.prompt, ex.metadata))
-        return out
+        if b not in self._cache:
+            if len(self._cache) > 4:
+                self._cache.clear()
+            exs = generate(self.block, seed=_mix(self.seed, b), spec=self.spec, split=self.split)
+            # shuffle within the block so consecutive prompts are not in category order
+            order = random.Random(_mix(self.seed + 1, b)).sample(range(self.block), self.block)
+            self._cache[b] = [PromptItem(exs[k].prompt, exs[k].metadata) for k in order]
+        return self._cache[b]
+
+    def batch(self, position: int, n: int) -> list[PromptItem]:
+        return [self._block(p // self.block)[p % self.block] for p in range(position, position + n)]
 
 
 class FileSource(PromptSource):
