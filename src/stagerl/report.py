@@ -9,7 +9,7 @@ from stagerl.tracking import read_metrics
 
 # (file name, title, [(metric key, label)])
 PLOTS = [
-    ("reward.png", "Training reward", [("reward/total/mean", "combined reward R")]),
+    ("reward.png", "Training reward (rollout mean; smoothed line)", []),  # keys found at runtime
     ("heldout.png", "Held-out strict score", [("eval/overall", "overall (mean of tags)")]),
     ("entropy.png", "Entropy", [("policy/entropy", "policy"), ("ref/entropy", "reference")]),
     ("kl.png", "KL to reference (k3)", [("policy/kl_k3", "KL")]),
@@ -19,6 +19,14 @@ PLOTS = [
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
     return [p[0] for p in pts], [float(p[1]) for p in pts]
+
+
+def _ema(ys: list[float], alpha: float = 0.15) -> list[float]:
+    out, acc = [], ys[0]
+    for y in ys:
+        acc = alpha * y + (1 - alpha) * acc
+        out.append(acc)
+    return out
 
 
 def write_plots(run_dir: str | Path) -> list[Path]:
@@ -34,13 +42,20 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     out_dir = run_dir / "plots"
     out_dir.mkdir(exist_ok=True)
     written = []
+    reward_keys = sorted({k for r in rows for k in r if k.startswith("reward/")
+                          and k.endswith("/mean") and k.count("/") == 2})
     for fname, title, keys in PLOTS:
+        if fname == "reward.png":
+            keys = [(k, k.split("/")[1]) for k in reward_keys]
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
         drew = False
         for key, label in keys:
             xs, ys = series(rows, key)
             if xs:
-                ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, ms=3, label=label)
+                line, = ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, ms=3, label=label,
+                                alpha=0.4 if len(xs) >= 12 else 1.0)
+                if len(xs) >= 12:
+                    ax.plot(xs, _ema(ys), color=line.get_color())
                 drew = True
         if drew:
             ax.set_title(title)

@@ -7,6 +7,7 @@ embedding dims, K reward columns. Every ``Rollout`` field documents its shape.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,8 +89,10 @@ def rollout(policy: Any, reference: Any | None, items: list[PromptItem], first_g
     G = cfg.sampling.group_size
     params = SamplingParams(cfg.sampling.cfg_scale, cfg.sampling.temperature, cfg.sampling.top_k,
                             cfg.sampling.top_p, cfg.sampling.logprob_mode)
+    t0 = time.perf_counter()
     inputs, tokens, sample_lp, behaviour_lp = generate(policy, items, G, params, generator,
                                                        cfg.sampling.micro_batch)
+    t1 = time.perf_counter()
     micro = cfg.sampling.micro_batch or len(tokens)
     old_lp, entropy = _teacher_forced(train_forward or policy, inputs, tokens, cfg, micro)
     ref_lp = ref_ent = None
@@ -101,13 +104,17 @@ def rollout(policy: Any, reference: Any | None, items: list[PromptItem], first_g
     prompts = [it.prompt for it in items for _ in range(G)]
     metadata = [it.metadata for it in items for _ in range(G)]
     group_index = torch.arange(first_group, first_group + len(items)).repeat_interleave(G)
+    t2 = time.perf_counter()
     columns, valid, _ = rewards(images, prompts, metadata)
+    t3 = time.perf_counter()
     ro = Rollout(prompts, metadata, group_index, inputs, tokens, old_lp, behaviour_lp, entropy,
                  ref_lp, ref_ent, code_emb, images, columns, valid, rewards=torch.zeros(0),
                  advantages=torch.zeros(0), c_bar=torch.zeros(0), token_weights=torch.zeros(0),
                  kl_weights=torch.zeros(0))
     ro.metrics["rollout/logprob_gap"] = float((sample_lp - old_lp).abs().max())
     score_rollout(ro, cfg, rewards.names)
+    ro.metrics.update({"perf/sample_s": t1 - t0, "perf/logprob_decode_s": t2 - t1,
+                       "perf/reward_s": t3 - t2, "perf/advantage_s": time.perf_counter() - t3})
     return ro
 
 

@@ -319,7 +319,7 @@ def _gather_metrics(accelerator: Any, metrics: dict[str, float]) -> dict[str, fl
 
 def _log_grid(tracker: Tracker, ro: Rollout, step: int, G: int) -> None:
     n = min(len(ro), 4 * G)
-    labels = [f"{ro.prompts[i]} | R={float(ro.rewards[i]):.2f}" for i in range(n)]
+    labels = [f"R={float(ro.reward_columns[i].sum()):.2f} {ro.prompts[i]}" for i in range(n)]
     tracker.image(step, "rollout", image_grid(ro.images[:n], labels, cols=G))
 
 
