@@ -114,8 +114,6 @@ def test_toy_study_end_to_end_reuse_and_order_independence(tmp_path, model_dir, 
     assert sorted((r["row"], r["seed"]) for r in runs) == sorted(
         (row, s) for row in study_mod.ROWS for s in (0, 1))
     assert len({r["samples"] for r in runs}) == 1  # equal sample budget
-    cycles = study_mod._library_source_cycles("shapes:train")
-    assert all(r["cycling_source"] == (not cycles) for r in runs)
     kls = [r["eval"]["quality"]["kl_k3"] for r in runs]
     assert max(kls) > 0 and summary["base"]["quality"]["kl_k3"] == pytest.approx(0, abs=1e-6)
     md = (docs / "results.md").read_text()
@@ -144,18 +142,6 @@ def test_toy_study_end_to_end_reuse_and_order_independence(tmp_path, model_dir, 
     inside = {r["seed"]: r["eval"] for r in runs if r["row"] == "stage"}
     assert solo[1]["suites"] == inside[1]["suites"]
     assert solo[1]["quality"]["kl_k3"] == pytest.approx(inside[1]["quality"]["kl_k3"], rel=1e-5)
-
-
-def test_cycling_training_source_covers_every_category_deterministically():
-    src = study_mod._CyclingShapesSource("train", seed=5)
-    first = src.batch(0, 12)
-    assert [it.metadata["tag"] for it in first[:6]] == [it.metadata["tag"] for it in first[6:]]
-    assert len({it.metadata["tag"] for it in first}) == 6
-    # Position p is a pure function of (seed, p): any slicing gives the same prompts.
-    again = study_mod._CyclingShapesSource("train", seed=5)
-    assert [it.prompt for it in again.batch(7, 3)] == [it.prompt for it in first[7:10]]
-    assert [it.prompt for it in study_mod._CyclingShapesSource("train", 6).batch(0, 12)] != \
-        [it.prompt for it in first]
 
 
 def test_plans_and_configs(tmp_path):

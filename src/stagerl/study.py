@@ -114,83 +114,23 @@ def _fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-# --------------------------------------------------------------------------------------------------
-# Workaround (reported to the lead): data.ShapesSource.batch calls generate(1, ...) per prompt, and
-# generate() starts its category cycle at index 0 on every call, so every "shapes:" training prompt
-# is a single_object prompt. Until that is fixed upstream, study runs draw training prompts from
-# the same split with the categories cycling, and the run marker records which source was used.
-
-
-class _CyclingShapesSource:
-    """Prompt ``p`` = example ``p mod C`` of ``generate(C, mix(seed, p div C), split)``, C = the
-    number of categories: a pure function of (seed, p), with every category in turn."""
-
-    def __init__(self, split: str, seed: int):
-        from stagerl.worlds.shapes.spec import WorldSpec
-
-        self.split, self.seed, self.block = split, seed, len(WorldSpec().categories)
-        self._cache: dict[int, list[Any]] = {}
-
-    def batch(self, position: int, n: int) -> list[Any]:
-        from stagerl.data import PromptItem, _mix
-        from stagerl.worlds.shapes.prompts import generate
-
-        out = []
-        for p in range(position, position + n):
-            b = p // self.block
-            if b not in self._cache:
-                self._cache = {b: generate(self.block, _mix(self.seed, b), split=self.split)}
-            ex = self._cache[b][p % self.block]
-            out.append(PromptItem(ex.prompt, ex.metadata))
-        return out
-
-
-def _library_source_cycles(source: str) -> bool:
-    """True when the library's own shapes source covers every category (the bug is fixed)."""
-    from stagerl.data import build_source
-
-    items = build_source(source, 0).batch(0, 12)
-    return len({it.metadata.get("tag") for it in items}) > 1
-
-
-def _needs_cycling(cfg: Config) -> bool:
-    src = cfg.data.source
-    return src.startswith("shapes:") and not _library_source_cycles(src)
-
-
-def _train(cfg: Config, cycling: bool) -> Any:
-    """``train(cfg)``, with the cycling source swapped in for the duration when asked."""
-    import stagerl.trainer as trainer_mod
-
-    if not cycling:
-        return train(cfg)
-    original = trainer_mod.build_source
-    trainer_mod.build_source = lambda source, seed, shuffle=True: _CyclingShapesSource(
-        source.split(":", 1)[1], seed)
-    try:
-        return train(cfg)
-    finally:
-        trainer_mod.build_source = original
-
-
 def train_or_reuse(cfg: Config) -> tuple[Path, float, bool]:
     """Train unless the run folder holds a finished run of this exact config.
     Returns (run_dir, training seconds, reused)."""
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     marker = run_dir / "study_train.json"
-    cycling = _needs_cycling(cfg)
-    want = _fingerprint(to_yaml(cfg) + ("study-cycling" if cycling else "library"))
+    want = _fingerprint(to_yaml(cfg))
     if marker.is_file() and (run_dir / "final").is_dir():
         info = json.loads(marker.read_text())
         if info.get("config") == want:
             return run_dir, float(info["seconds"]), True
     if run_dir.exists():  # unfinished or from other settings: start clean (metrics append)
         shutil.rmtree(run_dir)
-    result = _train(cfg, cycling)
+    result = train(cfg)
     # The study never resumes a run half-way; the accelerate checkpoint (optimizer state included)
     # would only take disk space next to final/.
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    marker.write_text(json.dumps({"config": want, "seconds": result.seconds, "cycling": cycling,
+    marker.write_text(json.dumps({"config": want, "seconds": result.seconds,
                                   "steps": result.steps, "skipped": result.skipped}) + "\n")
     return run_dir, result.seconds, False
 
@@ -249,10 +189,8 @@ def _run_row(plan: StudyPlan, out: Path, base: Any, row: str, seed: int,
     ev = evaluate_model(policy, base, run_dir, plan, cfg.sampling.cfg_scale)
     log.info("%s: trained in %.0f s%s, evaluated in %.0f s", run_dir.name, seconds,
              " (reused)" if reused else "", time.perf_counter() - t0 - (0 if reused else seconds))
-    marker = json.loads((run_dir / "study_train.json").read_text())
     return {"row": row, "seed": seed, "condition": condition, "run_dir": str(run_dir),
             "train_seconds": seconds, "reused": reused, "eval": ev,
-            "cycling_source": bool(marker.get("cycling", False)),
             "steps": cfg.run.steps, "samples": cfg.run.steps * cfg.sampling.prompts_per_step
             * cfg.sampling.group_size, "lr": cfg.optim.lr, "beta": cfg.algo.beta}
 

@@ -250,10 +250,6 @@ def render_markdown(summary: dict, command: str, figures: dict[str, str]) -> str
               f"({summary['train_seconds'] / 60:.1f} min training), {summary['reused_runs']} of "
               f"{len(summary['runs'])} runs reused from an earlier invocation; the 2 CPU cores "
               f"were shared with other jobs, so times are upper bounds.",
-              *(["- training prompts: the `shapes:train` split with its categories cycling, drawn "
-                 "by the study itself (`study._CyclingShapesSource`), because the library's "
-                 "`ShapesSource` currently yields only single_object prompts (reported)."]
-                if any(r.get("cycling_source") for r in summary["runs"]) else []),
               "",
               "Tables show mean ± sample std over seeds (the base model is one deterministic "
               "model: no std). Strict = GenEval's rules plus no unrequested objects and no "
