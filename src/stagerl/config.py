@@ -131,7 +131,7 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = _f(60, "Training steps (one rollout + mu updates each).", min=1)
+    steps: int = _f(200, "Training steps (one rollout + mu updates each).", min=1)
     seed: int = _f(0, "Global seed (sampling, data order, init).")
     out_dir: str = _f("runs", "Parent folder of run directories.")
     name: str = _f("", "Run name; empty = '<preset>-<timestamp>'.")
