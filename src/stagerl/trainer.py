@@ -308,13 +308,21 @@ def _all_finite(accelerator: Any, *tensors: torch.Tensor) -> bool:
 
 
 def _gather_metrics(accelerator: Any, metrics: dict[str, float]) -> dict[str, float]:
-    """Mean of every scalar metric over processes (all processes log the same keys)."""
+    """Mean of every scalar metric over the processes that report it.
+
+    Key sets can differ between processes (per-category reward metrics exist only for the
+    categories a process sampled), so dicts are gathered as objects rather than all-reduced as
+    one vector, which would mismatch in length and break the collective.
+    """
     if accelerator.num_processes == 1:
         return dict(metrics)
-    keys = sorted(metrics)
-    vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=accelerator.device)
-    vals = accelerator.reduce(vals, reduction="mean")
-    return {k: float(v) for k, v in zip(keys, vals.tolist())}
+    from accelerate.utils import gather_object
+
+    merged: dict[str, list[float]] = {}
+    for part in gather_object([metrics]):
+        for k, v in part.items():
+            merged.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in merged.items()}
 
 
 def _log_grid(tracker: Tracker, ro: Rollout, step: int, G: int) -> None:
