@@ -53,7 +53,10 @@ class StudyPlan:
 
     rows: list[str] = field(default_factory=lambda: list(ROWS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 0  # 0 = the config's run.steps (the main job's default)
+    # Training steps of every run; 0 = the config's run.steps. The full study uses 100 steps of the
+    # main job's P=8 x G=8 (half its 200 steps): 15 runs of 200 steps take ~60-70 min of training
+    # alone on 2 cores, over issue 7's 60-minute budget for the whole study.
+    steps: int = 100
     overrides: list[str] = field(default_factory=list)  # applied to every run
     model: str = "builtin:shapes"
     config_dir: str = "configs/ablations"
