@@ -68,7 +68,8 @@ def test_smoke_two_steps_change_every_parameter_not_the_reference(tmp_path, tiny
         assert np.isfinite(r["loss/total"]) and r["train/skipped"] == 0.0
         assert r["rollout/logprob_gap"] < 1e-4  # sampling vs teacher-forced log-probs (fp32)
         for key in ("policy/entropy", "ref/entropy", "policy/kl_k3", "algo/w_mean",
-                    "algo/m_mean", "adv/std", "optim/grad_norm", "optim/lr", "perf/rollout_s"):
+                    "algo/m_mean", "adv/std", "optim/grad_norm", "optim/lr", "perf/rollout_s",
+                    "policy/clip_frac", "perf/reward_s", "perf/samples_per_s"):
             assert key in r, key
     trained = result.policy.state_dict()
     ref = built["pair"].reference.state_dict()

@@ -207,7 +207,7 @@ def _micro_loss(model: Any, ro: Rollout, idx: torch.Tensor, cfg: Config, w_all: 
     else:  # seq_mean and constant normalise per sequence
         share_pg = idx.numel() / len(ro)
     loss = pg * share_pg
-    mets = {f"loss/{k}" if "/" not in k else k: float(v) for k, v in mets.items()}
+    mets = {f"policy/{k}" if "/" not in k else k: float(v) for k, v in mets.items()}
     mets["loss/pg"] = float(pg.detach())
     if a.beta > 0 and ro.ref_logprobs is not None:  # §4: β Σ m KL / #tokens
         kl = algo.kl_divergence(logp, ro.ref_logprobs[idx], a.kl_estimator)
