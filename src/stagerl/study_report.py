@@ -223,6 +223,18 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _timing(summary: dict) -> str:
+    """Wall time of the invocation that wrote the report, and the training time of the runs (summed
+    over runs, measured when each was trained, so it stays true for reused runs)."""
+    n, reused = len(summary["runs"]), summary["reused_runs"]
+    text = (f"- time: training summed over the {n} runs {summary['train_seconds'] / 60:.1f} min; "
+            f"the invocation that wrote this page took {summary['wall_seconds'] / 60:.1f} min wall")
+    if reused:
+        text += (f" and reused {reused} of {n} runs (and their cached evaluations) from an "
+                 f"earlier invocation")
+    return text + ("; the 2 CPU cores were shared with other jobs, so times are upper bounds.")
+
+
 def render_markdown(summary: dict, command: str, figures: dict[str, str]) -> str:
     groups = group_runs(summary)
     plan, cfg = summary["plan"], summary["config"]
@@ -246,17 +258,16 @@ def render_markdown(summary: dict, command: str, figures: dict[str, str]) -> str
               f"suite, the same prompts and sampling seeds for every model; during training, "
               f"{plan['curve_prompts']} `{plan['curve_suite']}` prompts x {plan['curve_images']} "
               f"images every {max(1, cfg['steps'] // (plan['curve_points'] + 1))} steps.",
-              f"- wall time {summary['wall_seconds'] / 60:.1f} min "
-              f"({summary['train_seconds'] / 60:.1f} min training), {summary['reused_runs']} of "
-              f"{len(summary['runs'])} runs reused from an earlier invocation; the 2 CPU cores "
-              f"were shared with other jobs, so times are upper bounds.",
+              _timing(summary),
               "",
               "Tables show mean ± sample std over seeds (the base model is one deterministic "
               "model: no std). Strict = GenEval's rules plus no unrequested objects and no "
               "fragments (the training reward); overall = mean of the per-tag accuracies.", "",
               "## Findings (generated from the numbers below)", "",
               "A difference is called better/worse only when it exceeds twice its standard error "
-              "over seeds; otherwise it is reported as within seed noise.", ""]
+              "over seeds; otherwise it is reported as within seed noise. The base model is one "
+              "evaluation (same prompts and sampling seeds as every other model); its own sampling "
+              "noise is not in the se, so comparisons with it are the less certain ones.", ""]
     lines += findings(summary, groups)
     lines += ["## Results per suite", ""] + suite_tables(summary, groups)
     lines += [quality_table(summary, groups), "## Training curves", ""]
