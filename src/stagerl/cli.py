@@ -89,7 +89,7 @@ def _load_policy_for_eval(checkpoint: str, config: str | None, overrides: list[s
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from stagerl.eval import evaluate_prompts, evaluate_shapes, format_table
+    from stagerl.eval import evaluate_shapes, format_table
     from stagerl.policies.base import SamplingParams
 
     policy, cfg = _load_policy_for_eval(args.checkpoint, args.config, args.set or [])
@@ -97,14 +97,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     results: dict[str, Any] = {}
     if args.benchmark:
-        from stagerl.data import load_prompt_file
+        from stagerl.eval import evaluate_benchmark
 
-        items = load_prompt_file(args.benchmark)[: args.prompts]
         names = args.rewards.split(",") if args.rewards else list(cfg.reward.names)
         params = SamplingParams(cfg_scale, cfg.sampling.temperature, cfg.sampling.top_k,
                                 cfg.sampling.top_p)
-        res = evaluate_prompts(policy, items, names, dict(cfg.reward.kwargs), args.images_per_prompt,
-                               params, args.seed, out)
+        res = evaluate_benchmark(policy, args.benchmark, names, dict(cfg.reward.kwargs),
+                                 args.images_per_prompt, params, args.seed, out,
+                                 max_prompts=args.prompts)
         print(format_table(res["scores"], f"{args.benchmark}: mean reward by category"))
         results[Path(args.benchmark).stem] = res
     else:
@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="comma list of shapes suites: heldout (=test), compositions, "
                                 "phrasings")
             e.add_argument("--benchmark", default=None,
-                           help="prompt file instead (GenEval .jsonl, .txt, .csv)")
+                           help="prompt file or folder instead: GenEval .jsonl, T2I-CompBench .txt "
+                                "(category from the file name) or a folder of them, DrawBench "
+                                ".csv, OCR .txt")
             e.add_argument("--rewards", default=None, help="comma list of reward names")
             e.add_argument("--prompts", type=int, default=200)
             e.add_argument("--images-per-prompt", type=int, default=4)
