@@ -43,6 +43,11 @@ CONDITIONS: dict[str, dict[str, Any]] = {
     "long": {"steps_mult": 3, "help": "3x the training steps (and samples)"},
     "lr_x4": {"lr_mult": 4.0, "help": "4x the learning rate"},
     "no_kl": {"set": ["algo.beta=0"], "help": "no KL term (beta = 0) in both rows"},
+    # STAGE's weighted token mean divides by Σw, which is small when most tokens (the background)
+    # look alike across the group, so its effective step on the weighted tokens is ~1/mean(w)
+    # times vanilla's. This condition normalises by the token count instead (w still weights).
+    "token_mean": {"set": ["algo.loss_agg=token_mean"],
+                   "help": "plain token-mean aggregation (divide by #tokens, not by Σw)"},
 }
 CONDITION_ROWS = ("vanilla_grpo", "stage")
 
