@@ -256,3 +256,13 @@ def test_reward_kwargs_configure_the_world():
         build_reward("shapes_strict", canvass=48)
     with pytest.raises(UserError, match="variant"):
         build_reward("shapes_partial", variant="exact")
+
+
+def test_prompt_without_geneval_clauses_is_invalid_not_zero():
+    from stagerl.rewards import build_reward
+
+    img = Image.new("RGB", (32, 32), "white")
+    out = build_reward("shapes_strict")([img, img], ["a red car", "a red car"],
+                                        [{"prompt": "a red car"}, {}])
+    assert out.valid.tolist() == [False, False]
+    assert "no GenEval metadata" in out.details[0]["error"]

@@ -46,6 +46,10 @@ class ShapesReward:
         valid = np.ones(len(images), dtype=bool)  # [N]
         details: list[dict[str, Any]] = []
         for i, (image, md) in enumerate(zip(images, metadata)):
+            if not md.get("include"):  # e.g. a plain prompt list: nothing to check, not a 0
+                valid[i] = False
+                details.append({"error": "prompt has no GenEval metadata (no include clauses)"})
+                continue
             try:
                 v = evaluate_image(image, md, self.spec, self.variant)
             except (ValueError, UserError) as err:
