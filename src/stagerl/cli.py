@@ -15,10 +15,8 @@ from stagerl.errors import UserError
 
 # Subcommands implemented elsewhere expose add_cli_args(parser) and run_cli(args) -> int.
 _DELEGATED = {
-    "pretrain": ("stagerl.worlds.shapes.pretrain", "Pretrain the shapes-world tokenizer and model."),
     "reward-server": ("stagerl.rewards.server", "Serve registered rewards over HTTP."),
     "merge-lora": ("stagerl.policies.janus", "Merge a LoRA checkpoint into a full Janus model."),
-    "study": ("stagerl.study", "Run the STAGE-vs-GRPO reproduction study on the shapes world."),
 }
 
 
@@ -149,6 +147,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from stagerl.worlds.shapes.pretrain import format_table as pretrain_table
+    from stagerl.worlds.shapes.pretrain import run_from_args
+
+    result = run_from_args(args)
+    print(f"saved to {args.out}  ({result['total_seconds']:.0f}s, {result['threads']} threads, "
+          f"final loss {result['final_loss']:.3f})")
+    for ev in result["evals"]:
+        print(f"\nheld-out '{ev['split']}' split, {ev['prompts']} prompts x "
+              f"{ev['images_per_prompt']} images, CFG {ev['cfg_scale']}:")
+        print(pretrain_table(ev))
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from stagerl.study import run_from_args
+
+    summary, paths = run_from_args(args, progress=lambda msg: print(msg, flush=True))
+    print(f"study finished in {summary['wall_seconds'] / 60:.1f} min "
+          f"({summary['reused_runs']} of {len(summary['runs'])} runs reused)")
+    for p in paths:
+        print(f"  {p}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from stagerl.config import field_help, load_config, to_yaml
 
@@ -211,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="*", help="[config.yaml] [dotted.key=value ...]")
     c.add_argument("--fields", action="store_true", help="list every field with its help")
     c.set_defaults(fn=cmd_config)
+
+    for name, module, fn, help_ in (
+            ("pretrain", "stagerl.worlds.shapes.pretrain", cmd_pretrain,
+             "Pretrain the shapes-world tokenizer and model."),
+            ("study", "stagerl.study", cmd_study,
+             "Run the STAGE-vs-GRPO reproduction study on the shapes world.")):
+        d = sub.add_parser(name, help=help_)
+        d.set_defaults(fn=fn)
+        importlib.import_module(module).add_cli_args(d)
 
     for name, (module, help_) in _DELEGATED.items():
         d = sub.add_parser(name, help=help_)

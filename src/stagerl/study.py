@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -309,16 +309,15 @@ def _defaults() -> argparse.Namespace:
     return parser.parse_args([])
 
 
-def run_cli(args: argparse.Namespace) -> int:
+def run_from_args(args: argparse.Namespace,
+                  progress: Callable[[str], None]) -> tuple[dict[str, Any], list[Path]]:
+    """Run the study from parsed CLI args and write the report; returns (summary, written paths).
+    ``stagerl study`` in cli.py reports progress and the result."""
     from stagerl.study_report import write_report
 
     torch.set_num_threads(1)  # platform.md: one thread per process on the shared 2 cores
     plan = plan_from_args(args)
-    cmd = command_line(args)
-    summary = run_study(plan, args.out, progress=lambda msg: print(msg, flush=True))
-    paths = write_report(summary, args.docs, args.out, command=cmd, prefix=args.prefix)
-    print(f"study finished in {summary['wall_seconds'] / 60:.1f} min "
-          f"({summary['reused_runs']} of {len(summary['runs'])} runs reused)")
-    for p in paths:
-        print(f"  {p}")
-    return 0
+    summary = run_study(plan, args.out, progress=progress)
+    paths = write_report(summary, args.docs, args.out, command=command_line(args),
+                         prefix=args.prefix)
+    return summary, paths

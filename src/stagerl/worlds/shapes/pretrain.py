@@ -321,8 +321,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=type(default), **kw)
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    """Run the recipe from parsed CLI args, print the evaluator's table; returns the exit code."""
+def run_from_args(args: argparse.Namespace) -> dict:
+    """Run the recipe from parsed CLI args and write the model card; returns the results dict
+    (``stagerl pretrain`` in cli.py prints its tables)."""
     from stagerl.errors import UserError
 
     names = [f.name for f in dataclasses.fields(PretrainConfig)]
@@ -332,10 +333,4 @@ def run_cli(args: argparse.Namespace) -> int:
     result = pretrain(cfg, args.out)
     command = shlex.join(["stagerl", *sys.argv[1:]])  # as typed, for the model card
     (Path(args.out) / "MODEL_CARD.md").write_text(model_card(result, command))
-    print(f"saved to {args.out}  ({result['total_seconds']:.0f}s, {result['threads']} threads, "
-          f"final loss {result['final_loss']:.3f})")
-    for ev in result["evals"]:
-        print(f"\nheld-out '{ev['split']}' split, {ev['prompts']} prompts x "
-              f"{ev['images_per_prompt']} images, CFG {ev['cfg_scale']}:")
-        print(format_table(ev))
-    return 0
+    return result
