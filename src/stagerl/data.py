@@ -54,9 +54,11 @@ class ShapesSource(PromptSource):
         if b not in self._cache:
             if len(self._cache) > 4:
                 self._cache.clear()
-            exs = generate(self.block, seed=_mix(self.seed, b), spec=self.spec, split=self.split)
+            exs = generate(self.block, seed=mix_seed(self.seed, b), spec=self.spec,
+                           split=self.split)
             # shuffle within the block so consecutive prompts are not in category order
-            order = random.Random(_mix(self.seed + 1, b)).sample(range(self.block), self.block)
+            rng = random.Random(mix_seed(self.seed + 1, b))
+            order = rng.sample(range(self.block), self.block)
             self._cache[b] = [PromptItem(exs[k].prompt, exs[k].metadata) for k in order]
         return self._cache[b]
 
@@ -71,21 +73,23 @@ class FileSource(PromptSource):
         if not items:
             raise UserError("prompt file holds no prompts")
         self.items, self.seed, self.shuffle = items, seed, shuffle
+        self._epoch_order: tuple[int, list[int]] = (-1, [])
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.items)))
-        if self.shuffle:
-            random.Random(_mix(self.seed, epoch)).shuffle(order)
-        return order
+        # one shuffle per epoch, not per prompt (prompt files can hold thousands of lines)
+        if self._epoch_order[0] != epoch:
+            order = list(range(len(self.items)))
+            if self.shuffle:
+                random.Random(mix_seed(self.seed, epoch)).shuffle(order)
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
 
     def batch(self, position: int, n: int) -> list[PromptItem]:
-        out, size = [], len(self.items)
-        for p in range(position, position + n):
-            out.append(self.items[self._order(p // size)[p % size]])
-        return out
+        size = len(self.items)
+        return [self.items[self._order(p // size)[p % size]] for p in range(position, position + n)]
 
 
-def _mix(seed: int, k: int) -> int:
+def mix_seed(seed: int, k: int) -> int:
     """A deterministic 63-bit mix of (seed, k) (splitmix64-style constants)."""
     x = (seed * 0x9E3779B97F4A7C15 + k * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (1 << 64)
     x ^= x >> 31

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from stagerl.data import PromptItem, _mix, load_prompt_file
+from stagerl.data import PromptItem, load_prompt_file, mix_seed
 from stagerl.errors import UserError
 from stagerl.policies.base import SamplingParams
 
@@ -135,7 +135,7 @@ def generate_images(policy: Any, items: list[PromptItem], images_per_prompt: int
             continue
         prompts = [it.prompt for it in chunk for _ in range(images_per_prompt)]
         inputs = policy.encode_prompts(prompts).to(device)
-        gen = torch.Generator(device="cpu").manual_seed(_mix(seed, c // chunk_prompts))
+        gen = torch.Generator(device="cpu").manual_seed(mix_seed(seed, c // chunk_prompts))
         out = policy.sample(inputs, params, generator=gen)
         images = policy.decode(out.tokens)
         for k, it in enumerate(chunk):

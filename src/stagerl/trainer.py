@@ -19,7 +19,7 @@ import torch
 from stagerl import algo
 from stagerl.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from stagerl.config import Config, needs_reference, to_yaml
-from stagerl.data import _mix, build_source
+from stagerl.data import build_source, mix_seed
 from stagerl.errors import UserError
 from stagerl.policies import build_policy
 from stagerl.rewards.base import RewardSet
@@ -96,7 +96,7 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
         first = state.data_position + accelerator.process_index * prompts_local
         items = source.batch(first, prompts_local)
         gen = torch.Generator(device="cpu").manual_seed(
-            _mix(cfg.run.seed, step * 1009 + accelerator.process_index))
+            mix_seed(cfg.run.seed, step * 1009 + accelerator.process_index))
         t0 = time.perf_counter()
         with _full_params(accelerator, model):
             ro = rollout(policy, reference, items, first, rewards, cfg, gen, train_forward=model)
