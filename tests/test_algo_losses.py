@@ -23,7 +23,8 @@ def ratio_one_batch():
 
 
 @pytest.mark.parametrize("agg, expected", [
-    ("weighted_token_mean", 2.0 / (2.0 + 1e-6)),  # −(−2) / (Σw = 2 + 1e-6)
+    ("group_weighted_mean", 2.0 / (2.0 + 1e-6)),  # one group (no index): −(−2) / (Σw + 1e-6)
+    ("batch_weighted_mean", 2.0 / (2.0 + 1e-6)),  # −(−2) / (Σw = 2 + 1e-6)
     ("token_mean", 0.5),  # −(−2) / 4 tokens
     ("seq_mean", 0.5),  # seq 0: −(1)/2 = −0.5; seq 1: −(−3)/2 = 1.5; mean = 0.5
     ("constant", 0.5),  # −(−2) / (N·L = 2·2)
@@ -36,7 +37,8 @@ def test_aggregations_hand_example(agg, expected):
 
 @pytest.mark.parametrize("agg, expected", [
     # mask drops token (1, 1): Σ w·A over real tokens = 1 − 1.5 = −0.5.
-    ("weighted_token_mean", 0.5 / 1.500001),  # Σw over real tokens = 1.5
+    ("group_weighted_mean", 0.5 / 1.500001),  # one group: Σw over real tokens = 1.5
+    ("batch_weighted_mean", 0.5 / 1.500001),  # Σw over real tokens = 1.5
     ("token_mean", 0.5 / 3),  # 3 real tokens
     ("seq_mean", 0.5),  # seq 0: −1/2 = −0.5; seq 1: −(0.5·−3)/1 = 1.5; mean 0.5
     ("constant", 0.5 / 40),  # N·C = 2·20 with constant_normalizer = 20
@@ -52,7 +54,8 @@ def test_aggregations_with_mask(agg, expected):
 
 
 def test_registry_and_bad_name():
-    assert set(LOSS_AGGREGATIONS) == {"weighted_token_mean", "token_mean", "seq_mean", "constant"}
+    assert set(LOSS_AGGREGATIONS) == {"group_weighted_mean", "batch_weighted_mean", "token_mean",
+                                      "seq_mean", "constant"}
     logp, adv, _ = ratio_one_batch()
     with pytest.raises(UserError, match="token_mean"):
         policy_loss(logp, logp, adv, agg="sum")
@@ -119,7 +122,7 @@ def test_gradient_equals_minus_mean_advantage_times_score():
         for t in range(length):
             (grad,) = torch.autograd.grad(logprobs()[i, t], weight)
             expected -= adv[i] * grad / (n * length)
-    for agg in ("token_mean", "weighted_token_mean", "seq_mean", "constant"):
+    for agg in sorted(LOSS_AGGREGATIONS):
         logp = logprobs()
         loss, _ = stage_loss(logp, logp.detach(), adv, beta=0.0, agg=agg)
         (grad,) = torch.autograd.grad(loss, weight)
@@ -170,8 +173,6 @@ def test_stage_loss_sums_terms_and_namespaces_metrics():
     assert total.item() == pytest.approx((pg + kl_term).item(), rel=1e-6)
     assert metrics["loss/pg"] == pytest.approx(pg.item(), rel=1e-6)
     assert metrics["loss/kl"] == pytest.approx(kl_term.item(), rel=1e-6)
-    assert metrics["algo/w_mean"] == pytest.approx(w.mean().item(), rel=1e-6)
-    assert metrics["algo/m_mean"] == pytest.approx(m.mean().item(), rel=1e-6)
     for key in ("policy/clip_frac", "policy/ratio_mean", "kl/mean", "loss/total"):
         assert isinstance(metrics[key], float)
     # β = 0 with a reference: the KL is measured but not optimised.
@@ -211,7 +212,8 @@ def test_policy_loss_matches_loop_reference(n, length, seed, eps, agg):
             seq_tokens += 1
         if seq_tokens:
             seq_terms.append(seq_total / seq_tokens)
-    expected = {"weighted_token_mean": total / (wsum + 1e-6), "token_mean": total / max(tokens, 1),
+    expected = {"group_weighted_mean": total / (wsum + 1e-6),  # no group index: one group
+                "batch_weighted_mean": total / (wsum + 1e-6), "token_mean": total / max(tokens, 1),
                 "seq_mean": sum(seq_terms) / max(len(seq_terms), 1),
                 "constant": total / (n * length)}[agg]
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-5)

@@ -14,7 +14,7 @@ from stagerl.algo import (SIGN_ZERO_TOL, apply_tied_rule, group_advantages, kl_w
 
 
 def loop_c_bar(emb: torch.Tensor, adv: torch.Tensor, index: torch.Tensor,
-               variant: str) -> torch.Tensor:
+               partner_set: str) -> torch.Tensor:
     """Reference in the shape of the authors' loop: for every i, for every j of its group, a
     per-pair cosine over the L positions, summed over the partners and divided by their count."""
     n, length, _ = emb.shape
@@ -26,7 +26,7 @@ def loop_c_bar(emb: torch.Tensor, adv: torch.Tensor, index: torch.Tensor,
             if index[j] != index[i]:
                 continue
             a_i, a_j = adv[i].item(), adv[j].item()
-            if variant == "fixed":
+            if partner_set == "fixed":
                 s_i = 0 if abs(a_i) <= SIGN_ZERO_TOL else (1 if a_i > 0 else -1)
                 s_j = 0 if abs(a_j) <= SIGN_ZERO_TOL else (1 if a_j > 0 else -1)
                 partner = j != i and s_i * s_j < 0
@@ -195,14 +195,14 @@ def random_batch(num_groups: int, size: int, length: int, dim: int, seed: int, l
 @settings(max_examples=25, deadline=None)
 @given(num_groups=st.integers(1, 3), size=st.integers(2, 16), length=st.integers(1, 576),
        dim=st.integers(1, 8), seed=st.integers(0, 10_000), levels=st.integers(1, 4),
-       variant=st.sampled_from(["fixed", "parity"]))
-@example(num_groups=3, size=16, length=576, dim=8, seed=1, levels=3, variant="parity")
-@example(num_groups=3, size=16, length=576, dim=8, seed=2, levels=2, variant="fixed")
-def test_vectorised_matches_loop(num_groups, size, length, dim, seed, levels, variant):
+       partner_set=st.sampled_from(["fixed", "parity"]))
+@example(num_groups=3, size=16, length=576, dim=8, seed=1, levels=3, partner_set="parity")
+@example(num_groups=3, size=16, length=576, dim=8, seed=2, levels=2, partner_set="fixed")
+def test_vectorised_matches_loop(num_groups, size, length, dim, seed, levels, partner_set):
     emb, adv, index = random_batch(num_groups, size, length, dim, seed, levels)
-    got = mean_opposite_similarity(emb, adv, index, variant)
+    got = mean_opposite_similarity(emb, adv, index, partner_set)
     assert got.shape == (emb.shape[0], length)
-    torch.testing.assert_close(got.double(), loop_c_bar(emb, adv, index, variant),
+    torch.testing.assert_close(got.double(), loop_c_bar(emb, adv, index, partner_set),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -218,10 +218,10 @@ def test_weights_lie_in_range(c):
 @settings(max_examples=20, deadline=None)
 @given(num_groups=st.integers(1, 3), size=st.integers(2, 16), length=st.integers(1, 64),
        dim=st.integers(1, 8), seed=st.integers(0, 10_000),
-       variant=st.sampled_from(["fixed", "parity"]))
-def test_weights_from_real_similarities_lie_in_range(num_groups, size, length, dim, seed, variant):
+       partner_set=st.sampled_from(["fixed", "parity"]))
+def test_weights_from_real_similarities_lie_in_range(num_groups, size, length, dim, seed, partner_set):
     emb, adv, index = random_batch(num_groups, size, length, dim, seed, levels=3)
-    c_bar = mean_opposite_similarity(emb, adv, index, variant)
+    c_bar = mean_opposite_similarity(emb, adv, index, partner_set)
     assert ((c_bar >= -1 - 1e-6) & (c_bar <= 1 + 1e-6)).all()
     w = token_weights(c_bar)
     assert ((w >= 0) & (w <= 1)).all()

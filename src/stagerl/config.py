@@ -19,6 +19,10 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from stagerl.algo.entropy import ENTROPY_MODES
+from stagerl.algo.kl import KL_ESTIMATORS
+from stagerl.algo.losses import LOSS_AGGREGATIONS
+from stagerl.algo.weights import PARTNER_SETS
 from stagerl.errors import UserError
 
 
@@ -95,20 +99,24 @@ class AlgoConfig:
     preset: Optional[str] = _f("stage", "Ablation row of the paper's Table 4 (method.md §5): "
                                "vanilla_grpo, plus_ent, stage, wo_kl, wo_ent_kl, or null to set "
                                "every switch by hand. Explicit fields override the preset.")
-    variant: str = _f("fixed", "'fixed' (clean math) or 'parity' (reproduces the authors' code "
-                      "quirks: zero-advantage partners, self-inclusion).", choices=("fixed", "parity"))
+    partner_set: str = _f("fixed", "Partner set P_i of the similarity reweighting "
+                          "(docs/algorithm.md §4.2): 'fixed' = the opposite-sign members; 'parity' "
+                          "= the authors' code (zero-advantage members count, and i itself when "
+                          "A_i = 0).", choices=PARTNER_SETS)
     adv_eps: float = _f(1e-4, "epsilon in A = (R - mean) / (std + eps) (method.md §1).", min=0.0)
     reweight: bool = _f(True, "Similarity-aware token weights w (method.md §3); off means w = 1.")
     kl_reweight: bool = _f(True, "KL token weights m from c-bar (method.md §4); off means m = 1.")
-    entropy_reward: str = _f("max_only", "Entropy reward mode (method.md §2): off, max_only "
-                             "(the paper) or all.", choices=("off", "max_only", "all"))
+    entropy_reward: str = _f("max_only", "Entropy reward mode (docs/algorithm.md §3): off, "
+                             "max_only (the paper) or all.", choices=ENTROPY_MODES)
     entropy_coef: float = _f(0.4, "lambda, the entropy-reward coefficient.", min=0.0)
     beta: float = _f(0.03, "beta, the KL coefficient; 0 disables the KL term.", min=0.0)
-    kl_estimator: str = _f("k3", "KL estimator: k1, k2 or k3 (Schulman's).",
-                           choices=("k1", "k2", "k3"))
-    loss_agg: str = _f("weighted_token_mean", "Policy-loss aggregation: weighted_token_mean "
-                       "(STAGE), token_mean, seq_mean, or constant (Dr. GRPO).",
-                       choices=("weighted_token_mean", "token_mean", "seq_mean", "constant"))
+    kl_estimator: str = _f("k3", "KL estimator (Schulman's k1, k2 or k3; docs/algorithm.md §6).",
+                           choices=tuple(KL_ESTIMATORS))
+    loss_agg: str = _f("group_weighted_mean", "Policy-loss aggregation (docs/algorithm.md §5): "
+                       "group_weighted_mean (the authors' runs: each group's sum(w A rho) / sum(w), "
+                       "then the mean over groups; with w = 1 each group's token mean), "
+                       "batch_weighted_mean (one sum(w) over the whole local batch), token_mean, "
+                       "seq_mean, or constant (Dr. GRPO).", choices=tuple(LOSS_AGGREGATIONS))
     updates_per_rollout: int = _f(1, "mu: optimisation passes over each rollout.", min=1)
     clip_eps_low: Optional[float] = _f(None, "PPO ratio clip epsilon_low; null = no clipping.",
                                        min=0.0)

@@ -6,6 +6,7 @@ One step = one rollout of P prompts x G samples (split across processes by whole
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -162,20 +163,20 @@ def update(model: Any, ro: Rollout, optimizer: Any, scheduler: Any, accelerator:
     # Exactly grad_accum micro-batches per pass, so accelerate's accumulation counter (which
     # decides when DDP syncs and when DeepSpeed steps inside backward) lines up with our passes.
     chunks = torch.arange(N).tensor_split(cfg.optim.grad_accum)
-    w_all, tok_all = ro.token_weights.sum(), float(ro.token_weights.numel())
     sums: dict[str, float] = {}
     for _ in range(a.updates_per_rollout):
         optimizer.zero_grad(set_to_none=True)
         for idx in chunks:
             with accelerator.accumulate(model):
-                loss, mets = _micro_loss(model, ro, idx, cfg, w_all, tok_all, accelerator)
+                loss, mets = micro_batch_loss(model, ro, idx, cfg, accelerator.autocast)
                 if not _all_finite(accelerator, loss.detach()):
                     optimizer.zero_grad(set_to_none=True)
                     log.warning("non-finite loss; step skipped")
                     return None
                 accelerator.backward(loss)
-            for key, v in mets.items():
-                sums[key] = sums.get(key, 0.0) + v / (len(chunks) * a.updates_per_rollout)
+            for key, v in mets.items():  # loss/* are shares that add up; the rest are means
+                share = 1.0 if key.startswith("loss/") else 1.0 / len(chunks)
+                sums[key] = sums.get(key, 0.0) + v * share / a.updates_per_rollout
         grad_norm = _clip(accelerator, model, cfg.optim.grad_clip)
         if not math.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
@@ -187,36 +188,25 @@ def update(model: Any, ro: Rollout, optimizer: Any, scheduler: Any, accelerator:
     return sums
 
 
-def _micro_loss(model: Any, ro: Rollout, idx: torch.Tensor, cfg: Config, w_all: torch.Tensor,
-                tok_all: float, accelerator: Any) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of one micro-batch, scaled so that the micro-batches add up to the full-batch loss."""
+def micro_batch_loss(model: Any, ro: Rollout, idx: torch.Tensor, cfg: Config,
+                     autocast: Any = contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's exact share of the rollout's loss (docs/algorithm.md §5, §6).
+
+    The aggregation's per-token coefficients and the KL's token count come from the whole rollout
+    (``Scores.loss_coef``), so the micro-batch losses add up to the full-batch loss whatever
+    ``optim.grad_accum`` is. The loss itself is :func:`stagerl.algo.stage_loss`, the function the
+    hand-derived tests check.
+    """
     a, s = cfg.algo, cfg.sampling
-    with accelerator.autocast():
+    with autocast():
         stats = model(ro.inputs.select(idx), ro.tokens[idx], logprob_mode=s.logprob_mode,
                       cfg_scale=s.cfg_scale, temperature=s.temperature, chunk_size=s.logprob_chunk)
-    logp = stats.logprobs.float()
-    w = ro.token_weights[idx]
-    pg, mets = algo.policy_loss(logp, ro.old_logprobs[idx], ro.advantages[idx], w,
-                                clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high,
-                                agg=a.loss_agg)
-    share_tok = idx.numel() * ro.tokens.shape[1] / tok_all
-    if a.loss_agg == "weighted_token_mean":  # -Σ w A ρ / Σ w over the *whole* batch (§3.5)
-        share_pg = float(w.sum() / w_all) if float(w_all) > 0 else 0.0
-    elif a.loss_agg == "token_mean":
-        share_pg = share_tok
-    else:  # seq_mean and constant normalise per sequence
-        share_pg = idx.numel() / len(ro)
-    loss = pg * share_pg
-    mets = {f"policy/{k}" if "/" not in k else k: float(v) for k, v in mets.items()}
-    mets["loss/pg"] = float(pg.detach())
-    if a.beta > 0 and ro.ref_logprobs is not None:  # §4: β Σ m KL / #tokens
-        kl = algo.kl_divergence(logp, ro.ref_logprobs[idx], a.kl_estimator)
-        kl_term, kl_mets = algo.kl_loss(kl, ro.kl_weights[idx], a.beta)
-        loss = loss + kl_term * share_tok
-        mets["loss/kl"] = float(kl_term.detach())
-        mets["policy/kl"] = float(kl.detach().mean())
-    mets["loss/total"] = float(loss.detach())
-    return loss, mets
+    ref = ro.ref_logprobs[idx] if ro.ref_logprobs is not None and a.beta > 0 else None
+    return algo.stage_loss(stats.logprobs.float(), ro.old_logprobs[idx], ro.advantages[idx],
+                           ref_logp=ref, kl_weights=ro.kl_weights[idx], beta=a.beta,
+                           kl_estimator=a.kl_estimator, clip_eps_low=a.clip_eps_low,
+                           clip_eps_high=a.clip_eps_high, coefficients=ro.scores.loss_coef[idx],
+                           num_tokens=float(ro.tokens.numel()))
 
 
 # --------------------------------------------------------------------------------------------------

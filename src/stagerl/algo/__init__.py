@@ -20,21 +20,22 @@ Where each symbol of shared docs/method.md lives:
 """
 
 from stagerl.algo.advantages import CombinedRewards, combine_rewards, group_advantages
-from stagerl.algo.entropy import ENTROPY_MODES, entropy_reward, entropy_score
+from stagerl.algo.entropy import ENTROPY_MODES, entropy_gap, entropy_reward, entropy_score
 from stagerl.algo.kl import KL_ESTIMATORS, kl_divergence, register_kl_estimator
-from stagerl.algo.losses import (LOSS_AGGREGATIONS, kl_loss, policy_loss, register_loss_agg,
-                                 stage_loss)
+from stagerl.algo.losses import (LOSS_AGGREGATIONS, kl_loss, loss_coefficients, policy_loss,
+                                 register_loss_agg, stage_loss)
 from stagerl.algo.presets import PRESETS, get_preset
-from stagerl.algo.weights import (SIGN_ZERO_TOL, VARIANTS, apply_tied_rule, kl_weights,
-                                  mean_opposite_similarity, pairwise_similarity, partner_mask,
-                                  token_weights)
+from stagerl.algo.weights import (PARTNER_SETS, SIGN_ZERO_TOL, apply_tied_rule, kl_weights,
+                                  loss_weights, mean_opposite_similarity, pairwise_similarity,
+                                  partner_mask, token_weights)
 
 __all__ = [
     "CombinedRewards", "combine_rewards", "group_advantages",
-    "ENTROPY_MODES", "entropy_reward", "entropy_score",
+    "ENTROPY_MODES", "entropy_gap", "entropy_reward", "entropy_score",
     "KL_ESTIMATORS", "kl_divergence", "register_kl_estimator",
-    "LOSS_AGGREGATIONS", "kl_loss", "policy_loss", "register_loss_agg", "stage_loss",
+    "LOSS_AGGREGATIONS", "kl_loss", "loss_coefficients", "policy_loss", "register_loss_agg",
+    "stage_loss",
     "PRESETS", "get_preset",
-    "SIGN_ZERO_TOL", "VARIANTS", "apply_tied_rule", "kl_weights", "mean_opposite_similarity",
-    "pairwise_similarity", "partner_mask", "token_weights",
+    "PARTNER_SETS", "SIGN_ZERO_TOL", "apply_tied_rule", "kl_weights", "loss_weights",
+    "mean_opposite_similarity", "pairwise_similarity", "partner_mask", "token_weights",
 ]

@@ -27,13 +27,25 @@ from stagerl.errors import UserError
 ENTROPY_MODES = ("off", "max_only", "all")
 
 
-def entropy_score(entropy_mean: Tensor, ref_entropy_mean: Tensor) -> Tensor:
-    """e_i = 1 / (1 + (H̄^ref_i − H̄_i)²)  [N], in (0, 1] (method.md §2.2)."""
-    # At least fp32 (bf16 entropies are too coarse for e_i near 1); fp64 stays fp64.
+def entropy_gap(entropy_mean: Tensor, ref_entropy_mean: Tensor) -> Tensor:
+    """1 − e_i = d² / (1 + d²) with d = H̄^ref_i − H̄_i  [N], in [0, 1).
+
+    Why this form: e_i is within ~1e-4 of 1 in practice, and 1 − 1/(1 + d²) in fp32 keeps only a
+    few significant digits of the gap. In a tied group the bonus differences are then divided by
+    a tiny std (docs/algorithm.md §3), so those lost digits became advantage errors of ~1e-4.
+    d²/(1 + d²) keeps full relative precision.
+    """
+    # At least fp32; fp64 stays fp64.
     dtype = torch.promote_types(torch.promote_types(entropy_mean.dtype, ref_entropy_mean.dtype),
                                 torch.float32)
     diff = ref_entropy_mean.detach().to(dtype) - entropy_mean.detach().to(dtype)
-    return 1.0 / (1.0 + diff * diff)
+    d2 = diff * diff
+    return d2 / (1.0 + d2)
+
+
+def entropy_score(entropy_mean: Tensor, ref_entropy_mean: Tensor) -> Tensor:
+    """e_i = 1 / (1 + (H̄^ref_i − H̄_i)²)  [N], in (0, 1] (docs/algorithm.md §3)."""
+    return 1.0 - entropy_gap(entropy_mean, ref_entropy_mean)
 
 
 def entropy_reward(rewards: Tensor, entropy_mean: Tensor, ref_entropy_mean: Tensor,
@@ -64,7 +76,7 @@ def entropy_reward(rewards: Tensor, entropy_mean: Tensor, ref_entropy_mean: Tens
     if mode == "off":
         return rewards, torch.zeros_like(rewards)
     g = groups_of(group_index, n)
-    e = entropy_score(entropy_mean, ref_entropy_mean).to(rewards.dtype)  # [N] e_i
+    u = entropy_gap(entropy_mean, ref_entropy_mean).to(rewards.dtype)  # [N] 1 − e_i
     if mode == "max_only":
         # Exact equality is safe: the group max is one of the members' own values. Ties at the
         # max all keep their e_i (a fully tied group keeps every sample).
@@ -72,7 +84,8 @@ def entropy_reward(rewards: Tensor, entropy_mean: Tensor, ref_entropy_mean: Tens
     else:
         kept = torch.ones_like(rewards, dtype=torch.bool)
     kept_f = kept.to(rewards.dtype)
-    # Mean over the kept e_j only; every group has >= 1 kept sample (its max), so no 0/0.
-    e_kept_mean = group_sum(e * kept_f, g) / group_sum(kept_f, g).clamp(min=1)  # [P]
-    bonus = torch.where(kept, coef * (e - e_kept_mean[g.inverse]), torch.zeros_like(e))
+    # e_i − mean_kept(e) = mean_kept(1 − e) − (1 − e_i), computed on the precise gaps u = 1 − e.
+    # Every group has >= 1 kept sample (its max), so no 0/0.
+    u_kept_mean = group_sum(u * kept_f, g) / group_sum(kept_f, g).clamp(min=1)  # [P]
+    bonus = torch.where(kept, coef * (u_kept_mean[g.inverse] - u), torch.zeros_like(u))
     return rewards + bonus, bonus

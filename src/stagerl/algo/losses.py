@@ -1,17 +1,25 @@
-"""Policy-gradient loss, KL loss and their STAGE combination (method.md §3.5, §4).
+"""Policy-gradient loss, KL loss and their STAGE combination (docs/algorithm.md §5, §6).
 
 - ρ_{i,t} = exp(ℓ_{i,t} − ℓ^old_{i,t}); the authors take one update per rollout (ℓ^old = ℓ.detach(),
   so ρ = 1 with the gradient of ℓ). Beyond the authors: PPO clipping (Schulman et al. 2017,
   arXiv 1707.06347) with separate ε_low / ε_high ("clip-higher", DAPO, arXiv 2503.14476), for μ > 1
   updates per rollout with ℓ^old saved at rollout time.
 - per-token surrogate: A_i·ρ_{i,t}, or min(A_i·ρ, A_i·clip(ρ, 1 − ε_low, 1 + ε_high)) when clipping;
-- aggregation (a registry, in the style of verl's ``agg_loss``):
-  - ``weighted_token_mean`` (STAGE): L_pg = −Σ w A ρ / (Σ w + 1e-6), over all tokens of the batch;
+- aggregation: every aggregation is linear in the per-token loss, L_pg = Σ_{i,t} c_{i,t}·(−A_i ρ_{i,t}),
+  so it is written as the coefficients c [N, L] it puts on each token (a registry in the style of
+  verl's ``agg_loss``). Computing c once on the whole rollout and summing Σ c·(−Aρ) over micro-batches
+  gives exactly the full-batch loss, whatever the micro-batching (``loss_coefficients``):
+  - ``group_weighted_mean`` (default; the authors' runs): per group g,
+    L_pg(g) = −Σ_{i∈g,t} w A ρ / (Σ_{i∈g,t} w + 1e-6), then the mean over groups. With w = 1
+    (vanilla GRPO) this is each group's token mean, then the mean over groups. The authors ran one
+    group per GPU and let DDP average over GPUs, which is the same objective;
+  - ``batch_weighted_mean``: −Σ w A ρ / (Σ w + 1e-6) with one Σw over every group of the batch
+    (groups weigh by their share of Σw; equals the above only with one group);
   - ``token_mean``: −Σ w A ρ / (number of tokens);
   - ``seq_mean``: the mean over sequences of each sequence's token mean (the original GRPO);
   - ``constant`` (Dr. GRPO, arXiv 2503.20783): −Σ w A ρ / (N · C), C = ``constant_normalizer``
     or L, so that the loss scale does not depend on how many tokens a batch holds.
-- KL term: β · Σ m·KL / (number of tokens), m the KL weights (method.md §4).
+- KL term: β · Σ m·KL / (number of tokens), m the KL weights (docs/algorithm.md §6).
 
 Token weights w, KL weights m and advantages A are constants (detached); the gradient flows through
 ℓ only. Metrics are plain floats, gathered with a single device sync.
@@ -26,13 +34,14 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from stagerl.algo._groups import group_sum, groups_of
 from stagerl.algo.kl import kl_divergence
 from stagerl.errors import UserError
 
-#: (token_loss [N, L], weights w·mask [N, L], mask [N, L] float, constant_normalizer) -> scalar
-Aggregation = Callable[[Tensor, Tensor, Tensor, Optional[float]], Tensor]
+#: (w·mask [N, L], mask [N, L] float, group_index [N] or None, constant_normalizer) -> c [N, L]
+Aggregation = Callable[[Tensor, Tensor, Optional[Tensor], Optional[float]], Tensor]
 LOSS_AGGREGATIONS: dict[str, Aggregation] = {}
-WEIGHT_SUM_EPS = 1e-6  # the 1e-6 of method.md §3.5's denominator
+WEIGHT_SUM_EPS = 1e-6  # the 1e-6 of the Σw denominator (docs/algorithm.md §5)
 
 
 def register_loss_agg(name: str) -> Callable[[Aggregation], Aggregation]:
@@ -43,27 +52,62 @@ def register_loss_agg(name: str) -> Callable[[Aggregation], Aggregation]:
     return wrap
 
 
-@register_loss_agg("weighted_token_mean")
-def _weighted_token_mean(tok: Tensor, w: Tensor, mask: Tensor, c: Optional[float]) -> Tensor:
-    return (w * tok).sum() / (w.sum() + WEIGHT_SUM_EPS)
+@register_loss_agg("group_weighted_mean")
+def _group_weighted_mean(w: Tensor, mask: Tensor, group_index: Optional[Tensor],
+                         c: Optional[float]) -> Tensor:
+    if group_index is None:  # the whole batch is one group (the authors' one prompt per GPU)
+        return w / (w.sum() + WEIGHT_SUM_EPS)
+    g = groups_of(group_index.to(w.device), w.shape[0])
+    w_sum = group_sum(w.sum(dim=1), g)  # [P] Σ_{i∈g,t} w
+    return w / ((w_sum + WEIGHT_SUM_EPS) * g.num_groups)[g.inverse][:, None]
+
+
+@register_loss_agg("batch_weighted_mean")
+def _batch_weighted_mean(w: Tensor, mask: Tensor, group_index: Optional[Tensor],
+                         c: Optional[float]) -> Tensor:
+    return w / (w.sum() + WEIGHT_SUM_EPS)
 
 
 @register_loss_agg("token_mean")
-def _token_mean(tok: Tensor, w: Tensor, mask: Tensor, c: Optional[float]) -> Tensor:
-    return (w * tok).sum() / mask.sum().clamp(min=1.0)
+def _token_mean(w: Tensor, mask: Tensor, group_index: Optional[Tensor],
+                c: Optional[float]) -> Tensor:
+    return w / mask.sum().clamp(min=1.0)
 
 
 @register_loss_agg("seq_mean")
-def _seq_mean(tok: Tensor, w: Tensor, mask: Tensor, c: Optional[float]) -> Tensor:
-    per_seq = (w * tok).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [N]
+def _seq_mean(w: Tensor, mask: Tensor, group_index: Optional[Tensor],
+              c: Optional[float]) -> Tensor:
     n_seq = (mask.sum(dim=1) > 0).sum().clamp(min=1)  # sequences with at least one token
-    return per_seq.sum() / n_seq
+    return w / mask.sum(dim=1, keepdim=True).clamp(min=1.0) / n_seq
 
 
 @register_loss_agg("constant")
-def _constant(tok: Tensor, w: Tensor, mask: Tensor, c: Optional[float]) -> Tensor:
-    n, length = tok.shape
-    return (w * tok).sum() / (n * (c if c is not None else length))
+def _constant(w: Tensor, mask: Tensor, group_index: Optional[Tensor],
+              c: Optional[float]) -> Tensor:
+    n, length = w.shape
+    return w / (n * (c if c is not None else length))
+
+
+def loss_coefficients(token_weights: Optional[Tensor], *, agg: str = "group_weighted_mean",
+                      group_index: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                      constant_normalizer: Optional[float] = None,
+                      like: Optional[Tensor] = None) -> Tensor:
+    """c [N, L]: the coefficient each token's −A·ρ gets in L_pg under aggregation ``agg``.
+
+    ``token_weights`` [N, L] (None = w = 1, then ``like`` gives the shape); ``group_index`` [N]
+    labels the groups of ``group_weighted_mean`` (None = one group). Detached, fp32. Compute it on
+    the whole batch and slice it per micro-batch: the micro-batch losses then add up to the
+    full-batch loss exactly.
+    """
+    if agg not in LOSS_AGGREGATIONS:
+        raise UserError(f"unknown loss aggregation {agg!r}; choose from "
+                        f"{', '.join(LOSS_AGGREGATIONS)}")
+    ref = token_weights if token_weights is not None else like
+    if ref is None:
+        raise ValueError("loss_coefficients needs token_weights or like= for the [N, L] shape")
+    mask_f = _mask_of(ref, mask).float()
+    w = mask_f if token_weights is None else token_weights.detach().float() * mask_f  # [N, L]
+    return LOSS_AGGREGATIONS[agg](w, mask_f, group_index, constant_normalizer)
 
 
 def _floats(metrics: dict[str, Tensor]) -> dict[str, float]:
@@ -85,16 +129,21 @@ def _mask_of(like: Tensor, mask: Optional[Tensor]) -> Tensor:
 def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor,
                  token_weights: Optional[Tensor], clip_eps_low: Optional[float],
                  clip_eps_high: Optional[float], agg: str, mask: Optional[Tensor],
-                 constant_normalizer: Optional[float]) -> tuple[Tensor, dict[str, Tensor]]:
-    if agg not in LOSS_AGGREGATIONS:
-        raise UserError(f"unknown loss aggregation {agg!r}; choose from "
-                        f"{', '.join(LOSS_AGGREGATIONS)}")
+                 constant_normalizer: Optional[float], group_index: Optional[Tensor],
+                 coefficients: Optional[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     if clip_eps_low is None and clip_eps_high is not None:
         raise UserError("clip_eps_high is set but clip_eps_low is not; set clip_eps_low to clip")
     if logp.shape != old_logp.shape or logp.dim() != 2:
         raise ValueError(f"logp {tuple(logp.shape)} and old_logp {tuple(old_logp.shape)} must "
                          "both be [N, L]")
     real = _mask_of(logp, mask)  # [N, L] bool
+    if coefficients is None:
+        coefficients = loss_coefficients(token_weights, agg=agg, group_index=group_index,
+                                         mask=real, constant_normalizer=constant_normalizer,
+                                         like=logp)
+    elif coefficients.shape != logp.shape:
+        raise ValueError(f"coefficients must be {tuple(logp.shape)}, got "
+                         f"{tuple(coefficients.shape)}")
     adv = advantages.detach().float()
     adv = adv[:, None] if adv.dim() == 1 else adv  # [N, 1] (or [N, L] per-token advantages)
     ratio = torch.exp(logp.float() - old_logp.detach().float())  # [N, L] ρ
@@ -107,10 +156,9 @@ def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor,
         surrogate = torch.minimum(surrogate, surrogate_clipped)
     # torch.where, not a product: a padded token's −inf/NaN log-prob must not reach the sum.
     token_loss = torch.where(real, -surrogate, torch.zeros_like(surrogate))  # [N, L]
-    mask_f = real.float()
-    w = mask_f if token_weights is None else token_weights.detach().float() * mask_f  # [N, L]
-    loss = LOSS_AGGREGATIONS[agg](token_loss, w, mask_f, constant_normalizer)
+    loss = (coefficients.detach().float() * token_loss).sum()  # Σ c·(−Aρ)
     with torch.no_grad():
+        mask_f = real.float()
         n_tok = mask_f.sum().clamp(min=1.0)
         r = ratio.detach()
         log_r = r.log()
@@ -121,50 +169,57 @@ def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor,
             "ratio_min": torch.where(real, r, torch.full_like(r, float("inf"))).min(),
             # ½(log ρ)² (k2): how far this update moved from the rollout policy.
             "approx_kl": torch.where(real, 0.5 * log_r * log_r, torch.zeros_like(r)).sum() / n_tok,
-            "w_mean": w.sum() / n_tok,
         }
     return loss, metrics
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor,
                 token_weights: Optional[Tensor] = None, *, clip_eps_low: Optional[float] = None,
-                clip_eps_high: Optional[float] = None, agg: str = "weighted_token_mean",
-                mask: Optional[Tensor] = None,
-                constant_normalizer: Optional[float] = None) -> tuple[Tensor, dict[str, float]]:
-    """L_pg from ℓ [N, L], ℓ^old [N, L], A [N] and token weights w [N, L] (method.md §3.5).
+                clip_eps_high: Optional[float] = None, agg: str = "group_weighted_mean",
+                mask: Optional[Tensor] = None, constant_normalizer: Optional[float] = None,
+                group_index: Optional[Tensor] = None,
+                coefficients: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
+    """L_pg from ℓ [N, L], ℓ^old [N, L], A [N] and token weights w [N, L] (docs/algorithm.md §5).
 
     ``clip_eps_low`` = None disables clipping; ``clip_eps_high`` defaults to ``clip_eps_low``.
-    ``token_weights`` = None means w = 1. Returns (scalar loss, metrics: clip_frac, ratio_mean,
-    ratio_max, ratio_min, approx_kl, w_mean).
+    ``token_weights`` = None means w = 1. ``group_index`` [N] labels the groups for
+    ``group_weighted_mean`` (None = the batch is one group). ``coefficients`` [N, L], when given,
+    replace (w, agg, group_index): pass a slice of :func:`loss_coefficients` computed on the whole
+    batch to get a micro-batch's exact share of the full-batch loss. Returns (scalar loss, metrics:
+    clip_frac, ratio_mean, ratio_max, ratio_min, approx_kl).
     """
     loss, metrics = _policy_loss(logp, old_logp, advantages, token_weights, clip_eps_low,
-                                 clip_eps_high, agg, mask, constant_normalizer)
+                                 clip_eps_high, agg, mask, constant_normalizer, group_index,
+                                 coefficients)
     return loss, _floats(metrics)
 
 
-def _kl_loss(kl: Tensor, kl_weights: Optional[Tensor], beta: float,
-             mask: Optional[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+def _kl_loss(kl: Tensor, kl_weights: Optional[Tensor], beta: float, mask: Optional[Tensor],
+             num_tokens: Optional[float]) -> tuple[Tensor, dict[str, Tensor]]:
     real = _mask_of(kl, mask)
     kl = torch.where(real, kl.float(), torch.zeros_like(kl, dtype=torch.float32))  # [N, L] KL
     mask_f = real.float()
     m = mask_f if kl_weights is None else kl_weights.detach().float() * mask_f  # [N, L] m
     n_tok = mask_f.sum().clamp(min=1.0)
-    weighted = (m * kl).sum() / n_tok  # Σ m·KL / number of tokens
+    denom = n_tok if num_tokens is None else num_tokens
+    weighted = (m * kl).sum() / denom  # Σ m·KL / number of tokens
     # β = 0 returns an exact 0, not 0·KL: an inf KL would otherwise turn the loss into NaN.
     loss = beta * weighted if beta > 0 else weighted.new_zeros(())
-    metrics = {"mean": kl.detach().sum() / n_tok, "weighted_mean": weighted.detach(),
+    metrics = {"mean": kl.detach().sum() / n_tok, "weighted_mean": (m * kl).detach().sum() / n_tok,
                "max": kl.detach().max(), "m_mean": m.sum() / n_tok}
     return loss, metrics
 
 
 def kl_loss(kl: Tensor, kl_weights: Optional[Tensor], beta: float,
-            mask: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
-    """β · Σ_{i,t} m_{i,t}·KL_{i,t} / (number of tokens)  (method.md §4).
+            mask: Optional[Tensor] = None,
+            num_tokens: Optional[float] = None) -> tuple[Tensor, dict[str, float]]:
+    """β · Σ_{i,t} m_{i,t}·KL_{i,t} / (number of tokens)  (docs/algorithm.md §6).
 
-    ``kl_weights`` = None is the plain, unweighted KL (m = 1). Returns (scalar loss, metrics: mean
-    and max of the unweighted KL, weighted_mean = Σ m·KL / tokens, m_mean).
+    ``kl_weights`` = None is the plain, unweighted KL (m = 1). ``num_tokens`` overrides the
+    denominator (the whole batch's token count, for a micro-batch's share). Returns (scalar loss,
+    metrics: mean and max of the unweighted KL, weighted_mean = Σ m·KL / tokens, m_mean).
     """
-    loss, metrics = _kl_loss(kl, kl_weights, beta, mask)
+    loss, metrics = _kl_loss(kl, kl_weights, beta, mask, num_tokens)
     return loss, _floats(metrics)
 
 
@@ -172,28 +227,30 @@ def stage_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, *,
                ref_logp: Optional[Tensor] = None, token_weights: Optional[Tensor] = None,
                kl_weights: Optional[Tensor] = None, beta: float = 0.0, kl_estimator: str = "k3",
                clip_eps_low: Optional[float] = None, clip_eps_high: Optional[float] = None,
-               agg: str = "weighted_token_mean", mask: Optional[Tensor] = None,
-               constant_normalizer: Optional[float] = None) -> tuple[Tensor, dict[str, float]]:
-    """L = L_pg + β · Σ m·KL / tokens, with namespaced metrics (method.md §3.5, §4).
+               agg: str = "group_weighted_mean", mask: Optional[Tensor] = None,
+               constant_normalizer: Optional[float] = None,
+               group_index: Optional[Tensor] = None, coefficients: Optional[Tensor] = None,
+               num_tokens: Optional[float] = None) -> tuple[Tensor, dict[str, float]]:
+    """L = L_pg + β · Σ m·KL / tokens, with namespaced metrics (docs/algorithm.md §5, §6).
 
-    ``ref_logp`` [N, L] is needed when β > 0; when given with β = 0 the KL to the reference is still
-    measured (logged, not optimised), since the ``wo_kl`` rows keep a reference for the entropy
-    reward. Metrics: loss/{total,pg,kl}, policy/{clip_frac,ratio_mean,ratio_max,ratio_min,
-    approx_kl}, kl/{mean,weighted_mean,max}, algo/{w_mean,m_mean}.
+    The trainer's loss: it calls this with ``coefficients`` and ``num_tokens`` of the whole
+    rollout, sliced per micro-batch. ``ref_logp`` [N, L] is needed when β > 0; when given with
+    β = 0 the KL to the reference is still measured (logged, not optimised), since the ``wo_kl``
+    rows keep a reference for the entropy reward. Metrics: loss/{total,pg,kl},
+    policy/{clip_frac,ratio_mean,ratio_max,ratio_min,approx_kl}, kl/{mean,weighted_mean,max}.
     """
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probs)")
     pg, pg_metrics = _policy_loss(logp, old_logp, advantages, token_weights, clip_eps_low,
-                                  clip_eps_high, agg, mask, constant_normalizer)
-    metrics = {f"policy/{k}": v for k, v in pg_metrics.items() if k != "w_mean"}
-    metrics["algo/w_mean"] = pg_metrics["w_mean"]
+                                  clip_eps_high, agg, mask, constant_normalizer, group_index,
+                                  coefficients)
+    metrics = {f"policy/{k}": v for k, v in pg_metrics.items()}
     total = pg
     kl_term = pg.new_zeros(())
     if ref_logp is not None:
         kl = kl_divergence(logp, ref_logp, kl_estimator)  # [N, L]
-        kl_term, kl_metrics = _kl_loss(kl, kl_weights, beta, mask)
+        kl_term, kl_metrics = _kl_loss(kl, kl_weights, beta, mask, num_tokens)
         metrics.update({f"kl/{k}": v for k, v in kl_metrics.items() if k != "m_mean"})
-        metrics["algo/m_mean"] = kl_metrics["m_mean"]
         total = pg + kl_term
     metrics.update({"loss/total": total, "loss/pg": pg, "loss/kl": kl_term})
     return total, _floats(metrics)

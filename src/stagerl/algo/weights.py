@@ -2,7 +2,7 @@
 
 For samples i, j of one group and a position t:
 - s_{ij,t} = cos(q_{i,t}, q_{j,t}), with q the (L2-normalised) VQ code vector of the sampled token;
-- P_i, the partner set of i (see ``VARIANTS`` below);
+- P_i, the partner set of i (see ``PARTNER_SETS`` below);
 - c̄_{i,t} = mean over j ∈ P_i of s_{ij,t}  (c̄ = 0 when P_i is empty);
 - w_{i,t} = clamp((1 − c̄_{i,t}) / 2, 0, 1): a token that looks like its opposite-sign partners'
   tokens (c̄ → 1) would get a gradient contradicting theirs, so it gets weight → 0;
@@ -24,12 +24,12 @@ from torch import Tensor
 from stagerl.algo._groups import from_grouped, groups_of, to_grouped
 from stagerl.errors import UserError
 
-#: Partner-set variants (method.md §3.2).
+#: Partner sets (docs/algorithm.md §4.2), config field ``algo.partner_set``.
 #: - ``fixed``:  P_i = { j ≠ i : A_i·A_j < 0 }, the opposite-sign members.
 #: - ``parity``: P_i = { j : A_i·A_j ≤ 0 }, as in the authors' code: zero-advantage members are
 #:   partners of everyone, and i is its own partner when A_i = 0, with s_ii counted as 0 (so i adds
 #:   0 to the sum but 1 to the mean's denominator).
-VARIANTS = ("fixed", "parity")
+PARTNER_SETS = ("fixed", "parity")
 
 #: |A| at or below this counts as A = 0 in the ``fixed`` sign test. Why a tolerance: A is
 #: normalised to unit group std, and float rounding leaves a member that sits at its group mean with
@@ -55,26 +55,27 @@ def pairwise_similarity(emb: Tensor, group_index: Tensor) -> tuple[Tensor, Tenso
     return s, order
 
 
-def partner_mask(adv: Tensor, variant: str, zero_tol: float = SIGN_ZERO_TOL) -> tuple[Tensor, Tensor]:
+def partner_mask(adv: Tensor, partner_set: str,
+                 zero_tol: float = SIGN_ZERO_TOL) -> tuple[Tensor, Tensor]:
     """Partner sets P_i from grouped advantages [P, G]: (in_mean [P, G, G], in_sum [P, G, G]).
 
     ``in_mean[p, i, j]``: j counts in the denominator of i's mean; ``in_sum``: j's s_ij is summed.
     They differ only on the diagonal under ``parity`` (s_ii counted as 0).
     """
-    if variant == "fixed":
+    if partner_set == "fixed":
         sign = torch.sign(adv) * (adv.abs() > zero_tol)  # [P, G] in {-1, 0, 1}
         in_mean = sign[:, :, None] * sign[:, None, :] < 0  # j = i never: sign_i² ≥ 0
         return in_mean, in_mean
-    if variant == "parity":
+    if partner_set == "parity":
         # The authors' exact test on the product, zero included (no tolerance, by design).
         in_mean = adv[:, :, None] * adv[:, None, :] <= 0
         eye = torch.eye(adv.shape[1], dtype=torch.bool, device=adv.device)
         return in_mean, in_mean & ~eye
-    raise UserError(f"unknown similarity variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    raise UserError(f"unknown partner set {partner_set!r}; choose from {', '.join(PARTNER_SETS)}")
 
 
 def mean_opposite_similarity(emb: Tensor, advantages: Tensor, group_index: Tensor,
-                             variant: str = "fixed", *,
+                             partner_set: str = "fixed", *,
                              zero_tol: float = SIGN_ZERO_TOL) -> Tensor:
     """c̄_{i,t} = mean over j ∈ P_i of s_{ij,t}  (method.md §3.1–3.3).
 
@@ -82,11 +83,11 @@ def mean_opposite_similarity(emb: Tensor, advantages: Tensor, group_index: Tenso
         emb: [N, L, D] code vectors q_{i,t} of the sampled tokens (L2-normalised; re-normalised).
         advantages: [N] A_i.
         group_index: [N] group label of each sample; every group must have the same size G.
-        variant: "fixed" or "parity" (see ``VARIANTS``).
+        partner_set: "fixed" or "parity" (see ``PARTNER_SETS``).
         zero_tol: ``fixed`` only: |A| ≤ zero_tol counts as 0 (see ``SIGN_ZERO_TOL``).
 
     Returns:
-        [N, L] c̄, fp32, detached. Empty P_i gives c̄ = 0 (w = 0.5, m = 1) under both variants.
+        [N, L] c̄, fp32, detached. Empty P_i gives c̄ = 0 (w = 0.5, m = 1) under both partner sets.
         Under ``fixed`` that is the spec. Under ``parity`` P_i is never empty for mean-zero group
         advantages (a non-zero A_i always has an opposite-sign member, a zero A_i contains i);
         only advantages that are not centred per group can empty it, where the authors' mean
@@ -97,7 +98,7 @@ def mean_opposite_similarity(emb: Tensor, advantages: Tensor, group_index: Tenso
                          f"{tuple(advantages.shape)}")
     s, order = pairwise_similarity(emb, group_index)  # [P, G, G, L]
     adv_grouped = advantages.detach().float()[order].reshape(s.shape[:2])  # [P, G]
-    in_mean, in_sum = partner_mask(adv_grouped, variant, zero_tol)
+    in_mean, in_sum = partner_mask(adv_grouped, partner_set, zero_tol)
     total = torch.einsum("pij,pijl->pil", in_sum.float(), s)  # [P, G, L] Σ_{j∈P_i} s_ij
     size = in_mean.sum(dim=-1).clamp(min=1).float()  # [P, G] |P_i|, 0 -> 1 so c̄ = 0/1 = 0
     return from_grouped(total / size[..., None], order)  # [N, L]
@@ -137,3 +138,28 @@ def kl_weights(c_bar: Tensor, group_tied: Tensor | None = None,
     """
     c_bar = apply_tied_rule(c_bar, group_tied, entropy_reward_on)
     return 0.5 + 0.5 * (c_bar + 1.0).clamp(0.0, 1.0)
+
+
+def loss_weights(c_bar: Tensor, *, reweight: bool, kl_reweight: bool,
+                 group_tied: Tensor | None = None, silenced: Tensor | None = None,
+                 entropy_reward_on: bool = False) -> tuple[Tensor, Tensor]:
+    """The token weights (w, m) a rollout trains with, both [N, L] (docs/algorithm.md §4.4-§4.6).
+
+    - ``reweight`` on: w from c̄, with the tied-group rule (w = 0) on ``group_tied`` groups (all
+      reward columns dropped) unless the entropy reward gives them a signal, and always on
+      ``silenced`` groups (an image no reward could score).
+    - ``reweight`` off (vanilla GRPO, +Ent): w = 1 on every token, tied and silenced groups
+      included; the tied-group rule does not exist there (their A = 0 adds nothing to the loss,
+      but they still count in the per-group mean).
+    - ``kl_reweight`` on: m from c̄ under the same rule (c̄ = 1 gives m = 1); off: m = 1.
+
+    ``group_tied`` and ``silenced`` are [N] bool per sample (True for every member of the group).
+    """
+    ones = torch.ones_like(c_bar)
+    rule = None
+    for flags in (None if entropy_reward_on else group_tied, silenced):
+        if flags is not None:
+            rule = flags if rule is None else rule | flags
+    w = token_weights(c_bar, rule) if reweight else ones
+    m = kl_weights(c_bar, rule) if kl_reweight else ones
+    return w, m
