@@ -90,6 +90,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from stagerl.eval import evaluate_shapes, format_table
     from stagerl.policies.base import SamplingParams
 
+    if args.benchmark == "list":
+        from stagerl.benchmarks import format_benchmark_list
+
+        print(format_benchmark_list())
+        return 0
     policy, cfg = _load_policy_for_eval(args.checkpoint, args.config, args.set or [])
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else cfg.sampling.cfg_scale
     out = Path(args.out) if args.out else None
@@ -210,9 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="comma list of shapes suites: heldout (=test), compositions, "
                                 "phrasings")
             e.add_argument("--benchmark", default=None,
-                           help="prompt file or folder instead: GenEval .jsonl, T2I-CompBench .txt "
-                                "(category from the file name) or a folder of them, DrawBench "
-                                ".csv, OCR .txt")
+                           help="a shipped prompt set by name (geneval, t2i-compbench[:category], "
+                                "ocr; 'list' lists them) or a prompt file or folder: GenEval "
+                                ".jsonl, T2I-CompBench .txt (category from the file name) or a "
+                                "folder of them, DrawBench .csv, OCR .txt")
             e.add_argument("--rewards", default=None, help="comma list of reward names")
             e.add_argument("--prompts", type=int, default=200)
             e.add_argument("--images-per-prompt", type=int, default=4)

@@ -1,4 +1,5 @@
-"""Prompt sources: the procedural shapes world, or prompt files (txt, GenEval jsonl, csv).
+"""Prompt sources: the procedural shapes world, or prompt files (txt, jsonl/json, csv), by path or
+by the name of a shipped prompt set (``geneval``, ``t2i-r1``, ...; see :mod:`stagerl.benchmarks`).
 
 A source is indexed by *position* (prompts consumed so far), so the prompts of any training step are
 a pure function of (seed, step): resuming needs no iterator state, and every process draws its own
@@ -100,20 +101,47 @@ def mix_seed(seed: int, k: int) -> int:
 # Prompt files
 
 
+PROMPT_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
+
+
 def load_prompt_file(path: str | Path) -> list[PromptItem]:
-    """Read .txt (one prompt a line), .jsonl (objects with "prompt"; GenEval metadata) or .csv
-    (a "prompt"/"Prompts" column; DrawBench). Malformed input raises UserError with the line."""
+    """Read .txt (one prompt a line), .jsonl / .json (objects with a "prompt" field, one a line,
+    or a .json array of them; every field is kept in the metadata: GenEval's tag/include/exclude,
+    T2I-R1's nouns/attr_nouns/spatial_info/numeracy_info/task_type) or .csv (a "prompt"/"Prompts"
+    column; DrawBench). Malformed input raises a one-line UserError naming file and line."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"prompt file not found: {path}")
     suffix = p.suffix.lower()
-    text = p.read_text(encoding="utf-8")
-    if suffix == ".jsonl":
-        return _read_jsonl(text, str(path))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    if suffix == ".jsonl" or (suffix == ".json" and not text.lstrip().startswith("[")):
+        return _read_jsonl(text, str(path))  # T2I-R1 ships JSON Lines under a .json name
+    if suffix == ".json":
+        return _read_json_array(text, str(path))
     if suffix == ".csv":
         return _read_csv(text, str(path))
     return [PromptItem(line.strip(), {"prompt": line.strip()})
             for line in text.splitlines() if line.strip()]
+
+
+def load_prompts(path: str | Path) -> list[PromptItem]:
+    """A prompt file, or every prompt file of a folder (.txt/.jsonl/.json/.csv, name order)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in PROMPT_SUFFIXES)
+        if not files:
+            raise UserError(f"prompt folder {path} holds no {'/'.join(PROMPT_SUFFIXES)} files")
+        return [it for f in files for it in load_prompt_file(f)]
+    return load_prompt_file(p)
+
+
+def _prompt_item(obj: Any, where: str) -> PromptItem:
+    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+        raise UserError(f"{where}: expected an object with a string 'prompt' field")
+    return PromptItem(obj["prompt"], obj)
 
 
 def _read_jsonl(text: str, name: str) -> list[PromptItem]:
@@ -125,10 +153,18 @@ def _read_jsonl(text: str, name: str) -> list[PromptItem]:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{name}:{i}: malformed JSON ({err.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise UserError(f"{name}:{i}: expected an object with a string 'prompt' field")
-        items.append(PromptItem(obj["prompt"], obj))
+        items.append(_prompt_item(obj, f"{name}:{i}"))
     return items
+
+
+def _read_json_array(text: str, name: str) -> list[PromptItem]:
+    try:
+        objs = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{name}:{err.lineno}: malformed JSON ({err.msg})") from None
+    if not isinstance(objs, list):
+        raise UserError(f"{name}: expected a JSON array of objects or one object a line")
+    return [_prompt_item(obj, f"{name}: item {k + 1}") for k, obj in enumerate(objs)]
 
 
 def _read_csv(text: str, name: str) -> list[PromptItem]:
@@ -144,7 +180,10 @@ def _read_csv(text: str, name: str) -> list[PromptItem]:
 
 
 def build_source(source: str, seed: int, shuffle: bool = True) -> PromptSource:
-    """``shapes:<split>`` or a prompt-file path (see :func:`load_prompt_file`)."""
+    """``shapes:<split>``, the name of a shipped prompt set (``geneval``, ``t2i-r1``, ...; see
+    :mod:`stagerl.benchmarks`), or a prompt file or folder path (see :func:`load_prompts`)."""
+    from stagerl.benchmarks import resolve_benchmark
+
     if source.startswith("shapes:"):
         return ShapesSource(source.split(":", 1)[1], seed)
-    return FileSource(load_prompt_file(source), seed, shuffle)
+    return FileSource(load_prompts(resolve_benchmark(source, "prompt file")), seed, shuffle)

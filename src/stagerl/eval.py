@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from stagerl.benchmarks import resolve_benchmark
 from stagerl.data import PromptItem, load_prompt_file, mix_seed
 from stagerl.errors import UserError
 from stagerl.policies.base import SamplingParams
@@ -77,7 +78,7 @@ def load_benchmark(path: str | Path, max_prompts: int | None = None) -> list[Pro
 
     ``max_prompts`` keeps the first prompts *of each file* (so a folder keeps every category).
     """
-    p = Path(path)
+    p = resolve_benchmark(path)  # a shipped set's name (geneval, t2i-compbench, ...) or a path
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".txt", ".jsonl", ".csv"))
         if not files:
