@@ -1,24 +1,23 @@
-"""The evaluation harness (issue 7 §1): benchmark formats and categories, GenEval's folder layout,
-fixed seeds, per-category tables (JSON + markdown), and skip-done on rerun."""
+"""The evaluation harness: benchmark formats and categories (the shipped sets by name), GenEval's
+folder layout, fixed seeds, per-category tables (JSON + markdown), and skip-done on rerun."""
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import make_tiny_policy
+from stagerl.benchmarks import BENCHMARKS
 from stagerl.errors import UserError
 from stagerl.eval import (benchmark_category, evaluate_benchmark, evaluate_shapes,
                           generate_images, load_benchmark, markdown_table)
 from stagerl.policies.base import SamplingParams
 from stagerl.rewards.base import RewardOutput, register_reward
 
-BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 CALLS = {"n": 0}
 
 
@@ -73,19 +72,22 @@ def test_load_formats_with_tags(tmp_path, compbench):
         load_benchmark(tmp_path / "missing.txt")
 
 
-@pytest.mark.skipif(not BENCH.is_dir(), reason="public benchmark files not on this machine")
-def test_public_benchmarks_load_with_their_categories():
-    geneval = load_benchmark(BENCH / "geneval" / "evaluation_metadata.jsonl")
+def test_shipped_benchmarks_load_by_name_with_their_categories():
+    geneval = load_benchmark("geneval")
     assert len(geneval) == 553
     assert {it.metadata["tag"] for it in geneval} == {"single_object", "two_object", "counting",
                                                       "colors", "position", "color_attr"}
-    comp = {it.metadata["tag"] for it in load_benchmark(BENCH / "t2i_compbench", max_prompts=2)}
-    assert comp == {"3d_spatial", "color", "complex", "non_spatial", "numeracy", "shape",
-                    "spatial", "texture"}
-    draw = {it.metadata["tag"] for it in load_benchmark(BENCH / "drawbench" / "drawbench.csv")}
-    assert "Colors" in draw and len(draw) >= 5
-    ocr = load_benchmark(BENCH / "ocr" / "test_prompts.txt", max_prompts=5)
+    comp = load_benchmark("t2i-compbench", max_prompts=2)
+    assert len(comp) == 16
+    assert {it.metadata["tag"] for it in comp} == {"3d_spatial", "color", "complex", "non_spatial",
+                                                   "numeracy", "shape", "spatial", "texture"}
+    assert {it.metadata["tag"] for it in load_benchmark("t2i-compbench:color")} == {"color"}
+    ocr = load_benchmark("ocr", max_prompts=5)
     assert len(ocr) == 5 and {it.metadata["tag"] for it in ocr} == {"ocr"}
+    assert all('"' in it.prompt for it in ocr)  # the text to render is quoted
+    assert load_benchmark(str(BENCHMARKS["geneval"].path))[7].prompt == geneval[7].prompt
+    with pytest.raises(UserError, match="drawbench is not shipped"):
+        load_benchmark("drawbench")
 
 
 def test_layout_tables_and_rerun_does_no_work(tmp_path, compbench, policy, monkeypatch):
@@ -123,8 +125,7 @@ def test_layout_tables_and_rerun_does_no_work(tmp_path, compbench, policy, monke
 
 
 def test_fixed_seeds_and_partial_rerun_reproduce_the_same_images(tmp_path, policy):
-    items = load_benchmark(BENCH / "t2i_compbench" / "color_val.txt", max_prompts=5) \
-        if BENCH.is_dir() else load_benchmark(_write(tmp_path, 5))
+    items = load_benchmark("t2i-compbench:color", max_prompts=5)
     params = SamplingParams(cfg_scale=2.0)
     a = generate_images(policy, items, 2, params, seed=3, out_dir=tmp_path / "a", chunk_prompts=2)
     b = generate_images(policy, items, 2, params, seed=3, out_dir=None, chunk_prompts=2)
@@ -138,12 +139,6 @@ def test_fixed_seeds_and_partial_rerun_reproduce_the_same_images(tmp_path, polic
     assert np.array_equal(arr(a), arr(c))
     d = generate_images(policy, items, 2, params, seed=4, out_dir=None, chunk_prompts=2)
     assert not np.array_equal(arr(a), arr(d))
-
-
-def _write(tmp_path, n):
-    p = tmp_path / "color_val.txt"
-    p.write_text("\n".join(f"a red shape number {i}" for i in range(n)) + "\n")
-    return p
 
 
 def test_other_settings_in_the_same_folder_are_refused(tmp_path, compbench, policy):

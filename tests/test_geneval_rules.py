@@ -1,14 +1,13 @@
-"""The GenEval rule engine on hand-built detections (shared docs/geneval.md; issue 6 deliver 2)."""
+"""The GenEval rule engine on hand-built detections, and on all 553 official prompts (shipped)."""
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from stagerl.benchmarks import resolve_benchmark
 from stagerl.errors import UserError
 from stagerl.rewards.geneval_rules import (Detection, evaluate_detections, filter_detections,
                                            geneval_overall, relative_position)
@@ -272,17 +271,7 @@ def test_overall_is_mean_of_tag_means():
     assert table == {"a": 0.5, "b": 1.0, "overall": 0.75}  # pooled would be 5/6
 
 
-# -- the real 553 prompts ------------------------------------------------------------------------
-def _shared_dir() -> Path:
-    here = Path(__file__).resolve().parents[2] / "shared"
-    env = os.environ.get("STAGERL_SHARED")
-    for cand in ([Path(env)] if env else []) + [here]:
-        if (cand / "data/benchmarks/geneval/evaluation_metadata.jsonl").is_file():
-            return cand
-    pytest.fail(f"GenEval metadata not found: looked in {here} and $STAGERL_SHARED={env!r}; "
-                f"put the shared/ folder beside the repository or set STAGERL_SHARED")
-
-
+# -- the real 553 prompts (the shipped copy; docs/benchmarks.md) -------------------------------
 def _satisfying(meta: dict) -> list[Detection]:
     """Detections that satisfy every clause: clause k's objects sit on a row around its anchor."""
     anchors: list[tuple[float, float]] = []
@@ -303,7 +292,7 @@ def _satisfying(meta: dict) -> list[Detection]:
 
 
 def test_all_553_official_prompts():
-    path = _shared_dir() / "data/benchmarks/geneval/evaluation_metadata.jsonl"
+    path = resolve_benchmark("geneval")
     lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     assert len(lines) == 553
     rng = np.random.default_rng(0)
