@@ -1,5 +1,8 @@
 """Atomic checkpoints and exact resume (issue 4, deliver 4).
 
+Run directories (``run.out_dir / run.name``) hold one run each: :func:`resolve_run_dir` refuses a
+second run into a folder that holds one, unless it resumes.
+
 A checkpoint is a directory ``checkpoints/step_000123/`` holding accelerate's state (weights as
 safetensors, optimizer, scheduler, every process's RNG states), ``trainer_state.json`` (step, data
 position, skip counter) and the resolved ``config.yaml``. It is written under a temporary name and
@@ -75,3 +78,51 @@ def _prune(root: Path, keep_last: int) -> None:
                   if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file())
     for _, p in done[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a complete checkpoint was saved at (from its trainer_state.json)."""
+    try:
+        return int(json.loads((Path(path) / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        m = _STEP_DIR.match(Path(path).name)
+        return int(m.group(1)) if m else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Run directories: one run per folder
+
+
+RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", "final")
+
+
+def holds_run(path: Path) -> bool:
+    """True when ``path`` already holds (part of) a training run."""
+    return any((Path(path) / f).exists() for f in RUN_FILES)
+
+
+def default_run_name(preset: str | None, seed: int) -> str:
+    return f"{preset or 'custom'}-seed{seed}"
+
+
+def resolve_run_dir(run: Any, preset: str | None) -> Path:
+    """``run.out_dir / run.name`` (config section ``run``), checked before anything is written:
+    the name must stay inside ``run.out_dir``, the folder must be writable, and an existing run is
+    refused unless ``run.resume`` (runs never mix). Nothing is created here."""
+    from stagerl.errors import UserError
+    from stagerl.preflight import check_output_dir
+
+    name = str(run.name) or default_run_name(preset, run.seed)
+    out = Path(str(run.out_dir))
+    path = out / name
+    if Path(name).is_absolute() or ".." in Path(name).parts or os.path.normpath(name) == ".":
+        raise UserError(f"run.name={run.name!r}: a run name is a folder inside run.out_dir "
+                        f"({out}); it cannot be absolute, '.', or contain '..'")
+    check_output_dir(out, "run.out_dir")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run.name={name!r}: {path} is a file, not a run folder")
+    # Only the main process checks: the others may look after it has started writing.
+    if not run.resume and holds_run(path) and int(os.environ.get("RANK", "0")) == 0:
+        raise UserError(f"{path} already holds a run; continue it with --resume "
+                        f"(run.resume=true), or choose another run.name, or delete the folder")
+    return path

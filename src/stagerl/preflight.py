@@ -1,0 +1,249 @@
+"""Checks that run before any model loads or any work starts, so that a bad input costs a second,
+not a failed run: output paths that cannot be written, prompts and rewards that cannot be used, and
+batch sizes that cannot fit in memory. Each raises :class:`UserError` naming the option or field.
+
+The memory estimate is a lower bound (the key/value cache of sampling, plus the logits and saved
+activations of a training forward pass): a size it refuses cannot fit; a size it accepts may still
+be too large for other reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stagerl.errors import UserError
+
+GIB = 1024 ** 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths
+
+
+def _first_existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_dir(path: str | Path, what: str, shown: str | Path | None = None) -> Path:
+    """A folder we may create and write into: not a file, and its nearest existing ancestor takes a
+    new folder (probed with a temporary folder that is removed again, so nothing is left behind).
+    ``shown`` is the path the user gave, when it is not ``path`` itself."""
+    p, shown = Path(path), path if shown is None else shown
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{what}={shown}: {p} is a file, not a folder")
+    base = _first_existing(p)
+    if not base.is_dir():
+        raise UserError(f"{what}={shown}: {base} is a file, so no folder can be made inside it")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".stagerl-probe-", dir=base))
+    except OSError as err:
+        raise UserError(f"{what}={shown}: cannot create or write folders under {base} "
+                        f"({err.strerror})") from None
+    return p
+
+
+def check_output_file(path: str | Path, what: str) -> Path:
+    """A file we may write: not a folder, in a folder we may create and write into."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{what}={path}: is a folder; give a file name")
+    check_output_dir(p.parent, what, shown=path)
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+
+
+@dataclass
+class ModelDims:
+    """What a batch's memory grows with: image tokens L, codes V, prompt slots T, width, depth."""
+
+    tokens: int
+    codes: int
+    prompt_len: int
+    width: int
+    layers: int
+    mlp: int
+
+    def sample_bytes(self, guided: bool = True) -> int:
+        """Per sequence while sampling: fp32 keys and values of every layer, both CFG branches."""
+        branches = 2 if guided else 1
+        return branches * 2 * self.layers * (self.prompt_len + self.tokens) * self.width * 4
+
+    def train_bytes(self) -> int:
+        """Per sequence in a training forward pass: saved activations plus logits and their grad."""
+        seq = self.prompt_len + self.tokens
+        saved = self.layers * seq * (6 * self.width + 3 * self.mlp) * 4
+        return saved + 2 * self.tokens * self.codes * 4
+
+    def image_bytes(self) -> int:
+        """A decoded RGB image, about one 4x4 patch per token (the shapes world's tokenizer)."""
+        return self.tokens * 48
+
+
+def model_dims(model_cfg: Any) -> ModelDims | None:
+    """Sizes of a tiny-policy checkpoint from its config.json; None when unknown (other kinds, or
+    a folder the loader will reject with its own message)."""
+    if getattr(model_cfg, "kind", "tiny") != "tiny":
+        return None
+    from stagerl.policies.tiny import resolve_model_path
+
+    path = resolve_model_path(str(model_cfg.path)) / "config.json"
+    try:
+        c = json.loads(path.read_text())
+        return ModelDims(int(c["grid"][0]) * int(c["grid"][1]), int(c["vocab_size"]),
+                         int(c["prompt_len"]), int(c["d_model"]), int(c["n_layers"]),
+                         int(c["mlp_hidden"]))
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def memory_limit(cpu: bool = True) -> tuple[int, str]:
+    """(bytes, name) of the memory a run can use: the first GPU's, else the machine's RAM."""
+    if not cpu:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory, "GPU memory"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "memory (RAM)"
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62, "memory"
+
+
+def check_fits(need: int, what: str, hint: str, cpu: bool = True) -> None:
+    """Refuse when ``need`` bytes exceed the memory the run can use."""
+    limit, name = memory_limit(cpu)
+    if need > limit:
+        raise UserError(f"{what} needs at least {need / GIB:.1f} GiB, more than this machine's "
+                        f"{limit / GIB:.1f} GiB of {name}; {hint}")
+
+
+def check_sampling_fits(model_cfg: Any, prompts: int, images_per_prompt: int, what: str,
+                        guided: bool = True, chunk_prompts: int = 32, cpu: bool = True) -> None:
+    """Sampling ``prompts`` x ``images_per_prompt`` images in chunks of ``chunk_prompts`` prompts
+    (as :func:`stagerl.eval.generate_images` does), keeping every image."""
+    dims = model_dims(model_cfg)
+    if dims is None:
+        return
+    batch = min(prompts, chunk_prompts) * images_per_prompt
+    need = batch * dims.sample_bytes(guided) + prompts * images_per_prompt * dims.image_bytes()
+    check_fits(need, f"{what} = {prompts} prompts x {images_per_prompt} images",
+               "ask for fewer images", cpu)
+
+
+def check_training_fits(cfg: Any) -> None:
+    """One training step (rollout, then the update's micro-batches) and the in-run evaluation."""
+    dims = model_dims(cfg.model)
+    if dims is None:
+        return
+    s = cfg.sampling
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    n = s.prompts_per_step * s.group_size
+    local = max(1, n // world)
+    sample_batch = s.micro_batch or local
+    update_batch = s.micro_batch or -(-local // cfg.optim.grad_accum)
+    need = max(sample_batch * dims.sample_bytes(s.cfg_scale != 1.0),
+               update_batch * dims.train_bytes()) + local * dims.image_bytes()
+    hint = "lower them" + ("" if s.micro_batch else ", or set sampling.micro_batch")
+    cpu = bool(cfg.run.cpu)
+    check_fits(need, f"sampling.prompts_per_step x sampling.group_size = {s.prompts_per_step} x "
+                     f"{s.group_size} = {n} sequences per step", hint, cpu)
+    if cfg.log.eval_prompts:
+        check_sampling_fits(cfg.model, cfg.log.eval_prompts, cfg.log.eval_images_per_prompt,
+                            "log.eval_prompts x log.eval_images_per_prompt", s.cfg_scale != 1.0,
+                            cpu=cpu)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command-line option types (argparse): a value out of range is a one-line error naming the option
+
+
+def int_arg(lo: int, hi: int | None = None) -> Any:
+    """An argparse ``type`` for a whole number in [lo, hi]."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {value}")
+        return value
+
+    return parse
+
+
+def float_arg(lo: float, hi: float | None = None, lo_open: bool = False) -> Any:
+    """An argparse ``type`` for a finite number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
+    import argparse
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        low_bad = value <= lo if lo_open else value < lo
+        if not math.isfinite(value) or low_bad or (hi is not None and value > hi):
+            span = ("> " if lo_open else ">= ") + f"{lo:g}" + ("" if hi is None else
+                                                              f" and <= {hi:g}")
+            raise argparse.ArgumentTypeError(f"expected a finite number {span}, got {text!r}")
+        return value
+
+    return parse
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def check_data_source(source: str, seed: int, shuffle: bool) -> None:
+    """``data.source``: a shapes split, a shipped prompt set, or a readable prompt file or folder
+    with prompts in it (reading a file costs far less than loading a model)."""
+    from stagerl.data import build_source
+
+    try:
+        build_source(source, seed, shuffle)
+    except UserError as err:
+        if source in str(err):
+            raise
+        raise UserError(f"data.source={source}: {err}") from None
+
+
+def check_model_path(model_cfg: Any, what: str = "model.path") -> None:
+    """A tiny-policy checkpoint must be an existing folder (Janus may name a hub id)."""
+    if getattr(model_cfg, "kind", "tiny") != "tiny":
+        return
+    from stagerl.policies.tiny import resolve_model_path
+
+    path = resolve_model_path(str(model_cfg.path))
+    if not path.is_dir():
+        raise UserError(f"{what}={model_cfg.path}: no such model folder")
+
+
+def preflight_train(cfg: Any) -> Path:
+    """Everything :func:`stagerl.trainer.train` would otherwise find wrong only after loading the
+    model: the run folder, prompts, rewards, model path and memory. Returns the run folder (not
+    created yet)."""
+    from stagerl.checkpoint import resolve_run_dir
+    from stagerl.rewards.base import RewardSet
+
+    run_dir = resolve_run_dir(cfg.run, cfg.algo.preset)
+    check_data_source(cfg.data.source, cfg.run.seed, cfg.data.shuffle)
+    RewardSet(list(cfg.reward.names), dict(cfg.reward.kwargs))  # names and arguments; loads nothing
+    check_model_path(cfg.model)
+    check_training_fits(cfg)
+    return run_dir
