@@ -16,6 +16,7 @@ Rewards register by name with :func:`register_reward` and are built from config 
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -83,14 +84,55 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 def build_reward(name: str, **kwargs: Any) -> RewardFn:
-    """Build a registered reward; an unknown name is a UserError with the closest suggestion."""
+    """Build a registered reward; an unknown name, or an argument the reward does not take, is a
+    UserError with the closest suggestion."""
     names = available_rewards()
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"unknown reward {name!r}.{hint} Available: {', '.join(names)}")
+        raise UserError(f"unknown reward {name!r}.{_did_you_mean(name, names)} Available: "
+                        f"{', '.join(names)}")
+    _check_arguments(name, _REGISTRY[name], kwargs)
     return _REGISTRY[name](**kwargs)
+
+
+def _check_arguments(name: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    """Keyword arguments a factory without ``**kwargs`` does not take are a UserError (Python's
+    own TypeError would be a traceback)."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: let the factory decide
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    takes = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in kwargs if k not in takes]
+    if unknown:
+        raise UserError(f"reward.kwargs.{name}: reward {name!r} takes no argument "
+                        f"{unknown[0]!r}.{_did_you_mean(unknown[0], takes)} It takes: "
+                        f"{', '.join(takes) or 'no arguments'}")
+
+
+def check_reward_kwargs(kwargs: dict[str, Any], names: list[str] | None = None,
+                        what: str = "reward.names") -> None:
+    """``reward.kwargs`` is {reward name: {argument: value}}: every key must be a reward of
+    ``names`` (the rewards in use, called ``what`` in the message) or, when ``names`` is None, any
+    registered reward; a key for no such reward would be silently ignored, so it is a
+    UserError."""
+    known = list(names) if names is not None else available_rewards()
+    for key, value in (kwargs or {}).items():
+        if key not in known:
+            where = what if names is not None else "the registered rewards"
+            raise UserError(f"reward.kwargs: {key!r} is not one of {where} "
+                            f"({', '.join(known)}), so its arguments would be ignored."
+                            f"{_did_you_mean(str(key), known)}")
+        if value is not None and not isinstance(value, dict):
+            raise UserError(f"reward.kwargs.{key}: expected a mapping of arguments such as "
+                            f"{{batch_size: 8}}, got {value!r}")
 
 
 class RewardSet:
@@ -101,8 +143,9 @@ class RewardSet:
 
     def __init__(self, names: list[str], kwargs: dict[str, dict[str, Any]] | None = None):
         kwargs = kwargs or {}
+        check_reward_kwargs(kwargs, list(names))
         self.names = list(names)
-        self.fns = [build_reward(n, **dict(kwargs.get(n, {}))) for n in self.names]
+        self.fns = [build_reward(n, **dict(kwargs.get(n) or {})) for n in self.names]
 
     def __call__(self, images: list[Image.Image], prompts: list[str],
                  metadata: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:

@@ -272,42 +272,51 @@ def make_server(rewards: dict[str, RewardFn], host: str = "127.0.0.1", port: int
 # --- CLI ---------------------------------------------------------------------------------------
 
 def add_cli_args(parser: Any) -> None:
-    """Arguments of ``stagerl reward-server`` (the lead wires this into the CLI)."""
+    """Arguments of ``stagerl reward-server``; numbers out of range are one-line errors."""
+    from stagerl.preflight import float_arg, int_arg
+
     parser.add_argument("--rewards", required=True,
                         help="comma-separated registered reward names to serve, e.g. geneval,ocr")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes the server to "
                              "the network, which has no authentication)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default 8765)")
+    parser.add_argument("--port", type=int_arg(1, 65535), default=DEFAULT_PORT,
+                        help="TCP port, 1-65535 (default 8765)")
     parser.add_argument("--reward-kwargs", default="{}",
                         help='JSON object {reward_name: {kwarg: value}}, e.g. '
                              '\'{"geneval": {"device": "cuda:1"}}\'')
     parser.add_argument("--config", default=None,
                         help="YAML config file; its reward.kwargs are used (--reward-kwargs wins)")
-    parser.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_BYTES / 2**20,
+    parser.add_argument("--max-request-mb", type=float_arg(0.0, 1 << 20, lo_open=True),
+                        default=DEFAULT_MAX_REQUEST_BYTES / 2**20,
                         help="largest accepted request body in MiB (default 64)")
-    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+    parser.add_argument("--max-batch", type=int_arg(1), default=DEFAULT_MAX_BATCH,
                         help="largest accepted number of images per request (default 256)")
     parser.add_argument("--no-preload", action="store_true",
                         help="load models on the first request instead of at start-up")
 
 
-def _cli_kwargs(args: Any) -> dict[str, dict[str, Any]]:
+def _cli_kwargs(args: Any, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """reward.kwargs of --config, updated by --reward-kwargs. A --config may hold arguments of
+    rewards this server does not serve; --reward-kwargs may name only the served ``names``."""
+    from stagerl.rewards.base import check_reward_kwargs
+
     kwargs: dict[str, dict[str, Any]] = {}
     if args.config:
-        from omegaconf import OmegaConf
+        from stagerl.config import load_config
 
-        try:
-            cfg = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True)
-        except Exception as e:  # noqa: BLE001 - surface any YAML/IO problem as a user error
-            raise UserError(f"cannot read --config {args.config!r}: {e}") from e
-        kwargs.update(((cfg or {}).get("reward") or {}).get("kwargs") or {})
+        kwargs.update(dict(load_config(args.config).reward.kwargs))
+        check_reward_kwargs(kwargs)
     try:
         extra = json.loads(args.reward_kwargs)
     except json.JSONDecodeError as e:
         raise UserError(f"--reward-kwargs is not valid JSON: {e}") from e
     if not isinstance(extra, dict):
         raise UserError("--reward-kwargs must be a JSON object {reward_name: {kwarg: value}}")
+    try:
+        check_reward_kwargs(extra, names, what="the served --rewards")
+    except UserError as e:
+        raise UserError(f"--reward-kwargs: {e}") from None
     kwargs.update(extra)
     return kwargs
 
@@ -319,7 +328,9 @@ def run_cli(args: Any) -> int:
         raise UserError("--rewards needs at least one reward name")
     if "remote" in names:
         raise UserError("the reward server cannot serve the 'remote' reward itself")
-    kwargs = _cli_kwargs(args)
+    if not args.host.strip():
+        raise UserError("--host: expected an interface such as 127.0.0.1")
+    kwargs = _cli_kwargs(args, names)
     rewards = {n: build_reward(n, **dict(kwargs.get(n) or {})) for n in names}
     if not args.no_preload:
         for fn in rewards.values():
