@@ -1,7 +1,9 @@
-"""``stagerl report RUN_DIR``: PNG plots of a run's metrics.jsonl (matplotlib, headless)."""
+"""``stagerl report RUN_DIR``: PNG plots of a run's metrics.jsonl (matplotlib, headless). A torn
+last line of metrics.jsonl (a kill during a write) is dropped."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from stagerl.errors import UserError
@@ -29,6 +31,19 @@ def _ema(ys: list[float], alpha: float = 0.15) -> list[float]:
     return out
 
 
+def _honest_y_axis(ax, ys: list[float]) -> None:
+    """Plain tick labels (no '+0.5' offset) and a y-range of at least 0.1 % of the values' size,
+    so that a change of 1e-5 does not fill the plot's height."""
+    ax.ticklabel_format(axis="y", useOffset=False)
+    if not ys:
+        return
+    lo, hi = min(ys), max(ys)
+    floor = 1e-3 * max(abs(lo), abs(hi))
+    if hi - lo < floor:
+        mid = (lo + hi) / 2
+        ax.set_ylim(mid - floor, mid + floor)
+
+
 def write_plots(run_dir: str | Path) -> list[Path]:
     import matplotlib
 
@@ -48,9 +63,10 @@ def write_plots(run_dir: str | Path) -> list[Path]:
         if fname == "reward.png":
             keys = [(k, k.split("/")[1]) for k in reward_keys]
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
-        drew = False
+        drew, all_ys = False, []
         for key, label in keys:
             xs, ys = series(rows, key)
+            all_ys += [y for y in ys if math.isfinite(y)]
             if xs:
                 line, = ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, ms=3, label=label,
                                 alpha=0.4 if len(xs) >= 12 else 1.0)
@@ -58,6 +74,7 @@ def write_plots(run_dir: str | Path) -> list[Path]:
                     ax.plot(xs, _ema(ys), color=line.get_color())
                 drew = True
         if drew:
+            _honest_y_axis(ax, all_ys)
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,12 @@ log = logging.getLogger(__name__)
 
 
 class Tracker:
-    """Writes ``metrics.jsonl`` (one object per logged step) and TensorBoard scalars."""
+    """Writes ``metrics.jsonl`` (one object per logged step) and TensorBoard scalars.
+
+    An existing metrics.jsonl belongs to the run being resumed: rows after its newest complete
+    checkpoint (steps that will run again) and a torn last line are dropped before appending, so
+    a resumed run never holds a step twice.
+    """
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, wandb: bool = False,
                  wandb_project: str = "stagerl", config: dict | None = None,
@@ -26,6 +32,7 @@ class Tracker:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        rewind_metrics(self.run_dir)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -84,26 +91,66 @@ def _jsonable(v: Any) -> Any:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl. A torn last line (a write cut short by a kill) is
+    dropped with a warning; a bad line before it is a UserError naming the line."""
+    from stagerl.errors import UserError
+
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not an object with an integer 'step'")
+        except ValueError as err:
+            if i == last:
+                log.warning("%s: dropping the torn last line %d", path, i + 1)
+                break
+            raise UserError(f"{path}:{i + 1}: not a metrics row ({err})") from None
+        rows.append(row)
+    return rows
+
+
+def rewind_metrics(run_dir: Path) -> None:
+    """Keep only the rows up to the newest complete checkpoint (none: no rows), rewritten
+    atomically; the steps after it will be logged again by the resumed run."""
+    from stagerl.checkpoint import checkpoint_step, latest_checkpoint
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    keep = checkpoint_step(ckpt) if ckpt is not None else -1
+    rows = [r for r in read_metrics(run_dir) if r["step"] <= keep]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def image_grid(images: list[Image.Image], labels: list[str], cols: int, scale: int = 4,
                label_height: int = 28) -> Image.Image:
-    """Images in a grid, each upscaled ``scale``x (nearest) with a wrapped prompt label above."""
+    """Images in a grid, each upscaled ``scale``x (nearest) with its whole label wrapped above it
+    (the label band grows to fit the longest label; ``label_height`` is its minimum)."""
     if not images:
         return Image.new("RGB", (1, 1), "white")
     w, h = images[0].width * scale, images[0].height * scale
+    font = ImageFont.load_default()
+    char_w = max(1.0, font.getlength("abcdefghijklmnopqrstuvwxyz") / 26)
+    line_h = font.getbbox("Ag")[3] + 2
+    wrapped = [textwrap.wrap(label, max(8, int((w - 4) / char_w))) for label in labels]
+    label_height = max(label_height, max(len(t) for t in wrapped) * line_h + 4)
     rows = math.ceil(len(images) / cols)
     canvas = Image.new("RGB", (cols * w, rows * (h + label_height)), "white")
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    chars = max(8, w // 6)
-    for k, (img, label) in enumerate(zip(images, labels)):
+    for k, (img, text) in enumerate(zip(images, wrapped)):
         x, y = (k % cols) * w, (k // cols) * (h + label_height)
         canvas.paste(img.convert("RGB").resize((w, h), Image.NEAREST), (x, y + label_height))
-        text = "\n".join(textwrap.wrap(label, chars)[:2])
-        draw.text((x + 2, y + 1), text, fill="black", font=font)
+        for j, line in enumerate(text):
+            draw.text((x + 2, y + 1 + j * line_h), line, fill="black", font=font)
     return canvas
