@@ -41,12 +41,27 @@ SHAPES_SUITES = ("test", "compositions", "phrasings")
 # `heldout` is the name used in configs for the in-distribution held-out suite.
 SUITE_ALIASES = {"heldout": "test", "indist": "test"}
 _SPLIT_WORDS = ("val", "test", "train", "prompts", "metadata", "evaluation")
+CHUNK_PROMPTS = 32  # prompts sampled together by generate_images (and the seed of each chunk)
+
+
+def suite_names() -> tuple[str, ...]:
+    """Every name ``--suite`` / ``log.eval_suite`` accepts: the documented suites first, then the
+    aliases and the training split."""
+    return ("heldout", "compositions", "phrasings", "test", "indist", "train")
+
+
+def check_suite(suite: str, what: str = "--suite") -> str:
+    """The shapes split of a suite name; a UserError listing the suites for any other name."""
+    if suite not in suite_names():
+        raise UserError(f"{what}: unknown shapes suite {suite!r}; choose from heldout (= test), "
+                        f"compositions, phrasings (or train)")
+    return SUITE_ALIASES.get(suite, suite)
 
 
 def shapes_items(suite: str, n_prompts: int, seed: int = 1234) -> list[PromptItem]:
     from stagerl.worlds.shapes.prompts import generate
 
-    split = SUITE_ALIASES.get(suite, suite)
+    split = check_suite(suite)
     examples = generate(n_prompts, seed=seed, split=split)
     return [PromptItem(ex.prompt, ex.metadata) for ex in examples]
 
@@ -119,32 +134,48 @@ def _check_eval_config(out_dir: Path | None, settings: dict[str, Any]) -> None:
 @torch.no_grad()
 def generate_images(policy: Any, items: list[PromptItem], images_per_prompt: int,
                     params: SamplingParams, seed: int, out_dir: Path | None = None,
-                    chunk_prompts: int = 32) -> list[list[Image.Image]]:
+                    chunk_prompts: int = CHUNK_PROMPTS, progress: Any = None,
+                    ) -> list[list[Image.Image]]:
     """``images_per_prompt`` images for each prompt; chunk c is sampled with seed mix(seed, c), so
     the images do not depend on which chunks were skipped. Writes GenEval's layout when ``out_dir``
-    is given and reuses complete prompt folders found there."""
+    is given and reuses complete prompt folders found there. ``progress`` is an optional tqdm-like
+    factory; its bar counts images."""
     was_training = policy.training
     policy.eval()
-    device = next(policy.parameters()).device
     result: list[list[Image.Image]] = []
+    bar = progress(total=len(items) * images_per_prompt, desc="sampling", unit="img") \
+        if progress else None
     for c in range(0, len(items), chunk_prompts):
         chunk = items[c:c + chunk_prompts]
         cached = [_load_prompt_dir(out_dir, c + k, images_per_prompt) for k in range(len(chunk))] \
             if out_dir else [None] * len(chunk)
         if all(x is not None for x in cached):
             result.extend(cached)  # type: ignore[arg-type]
-            continue
-        prompts = [it.prompt for it in chunk for _ in range(images_per_prompt)]
-        inputs = policy.encode_prompts(prompts).to(device)
-        gen = torch.Generator(device="cpu").manual_seed(mix_seed(seed, c // chunk_prompts))
-        out = policy.sample(inputs, params, generator=gen)
-        images = policy.decode(out.tokens)
-        for k, it in enumerate(chunk):
-            imgs = images[k * images_per_prompt:(k + 1) * images_per_prompt]
-            if out_dir:
-                _write_prompt_dir(out_dir, c + k, it, imgs)
-            result.append(imgs)
+        else:
+            result.extend(_sample_chunk(policy, chunk, c, images_per_prompt, params,
+                                        mix_seed(seed, c // chunk_prompts), out_dir))
+        if bar is not None:
+            bar.update(len(chunk) * images_per_prompt)
+    if bar is not None:
+        bar.close()
     policy.train(was_training)
+    return result
+
+
+def _sample_chunk(policy: Any, chunk: list[PromptItem], first: int, images_per_prompt: int,
+                  params: SamplingParams, seed: int, out_dir: Path | None
+                  ) -> list[list[Image.Image]]:
+    """Images of one chunk of prompts, written to their prompt folders when ``out_dir`` is given."""
+    prompts = [it.prompt for it in chunk for _ in range(images_per_prompt)]
+    inputs = policy.encode_prompts(prompts).to(next(policy.parameters()).device)
+    out = policy.sample(inputs, params, generator=torch.Generator(device="cpu").manual_seed(seed))
+    images = policy.decode(out.tokens)
+    result = []
+    for k, it in enumerate(chunk):
+        imgs = images[k * images_per_prompt:(k + 1) * images_per_prompt]
+        if out_dir:
+            _write_prompt_dir(out_dir, first + k, it, imgs)
+        result.append(imgs)
     return result
 
 
@@ -177,8 +208,9 @@ def _load_prompt_dir(out_dir: Path | None, index: int, n: int) -> list[Image.Ima
 def evaluate_shapes(policy: Any, suite: str = "heldout", n_prompts: int = 200,
                     images_per_prompt: int = 4, cfg_scale: float = 2.0, seed: int = 1234,
                     temperature: float = 1.0, top_k: int = 0, out_dir: Path | None = None,
-                    ) -> dict[str, Any]:
-    """Strict / lenient per-category accuracy and mean partial credit on a shapes suite."""
+                    progress: Any = None) -> dict[str, Any]:
+    """Strict / lenient per-category accuracy and mean partial credit on a shapes suite.
+    ``progress``: an optional tqdm-like factory for the sampling bar."""
     from stagerl.worlds.shapes.evaluate import category_table, evaluate_batch
 
     items = shapes_items(suite, n_prompts, seed)
@@ -187,9 +219,11 @@ def evaluate_shapes(policy: Any, suite: str = "heldout", n_prompts: int = 200,
     _check_eval_config(out_dir, {"suite": SUITE_ALIASES.get(suite, suite), "seed": seed,
                                  "images_per_prompt": images_per_prompt, "cfg_scale": cfg_scale,
                                  "temperature": temperature, "top_k": top_k})
-    per_prompt = generate_images(policy, items, images_per_prompt, params, seed, out_dir)
+    per_prompt = generate_images(policy, items, images_per_prompt, params, seed, out_dir,
+                                 progress=progress)
     images = [img for imgs in per_prompt for img in imgs]
     metas = [it.metadata for it in items for _ in range(images_per_prompt)]
+    _check_canvas(images, suite)
     verdicts = evaluate_batch(images, metas)
     result = {
         "suite": suite, "prompts": len(items), "images_per_prompt": images_per_prompt,
@@ -207,8 +241,22 @@ def evaluate_shapes(policy: Any, suite: str = "heldout", n_prompts: int = 200,
     return result
 
 
+def _check_canvas(images: list[Image.Image], suite: str) -> None:
+    """The shapes evaluator reads the shapes world's canvas; another model's images are a
+    UserError, not a traceback from deep inside the evaluator."""
+    from stagerl.worlds.shapes.spec import WorldSpec
+
+    canvas = WorldSpec().canvas
+    if images and images[0].size != (canvas, canvas):
+        w, h = images[0].size
+        raise UserError(f"suite {suite}: the model draws {w}x{h} images, but the shapes "
+                        f"evaluator reads {canvas}x{canvas} shapes-world images; evaluate this "
+                        f"model with --benchmark and a reward instead")
+
+
 def _cached_scores(out_dir: Path | None, index: int, name: str, n: int) -> tuple | None:
-    """(scores, valid) of reward ``name`` for prompt ``index`` from its scores.json, if complete."""
+    """(scores, valid, reason) of reward ``name`` for prompt ``index`` from its scores.json, if
+    complete; ``reason`` says why images were invalid (None when all were valid or unknown)."""
     if out_dir is None:
         return None
     path = _prompt_dir(out_dir, index) / "scores.json"
@@ -217,52 +265,68 @@ def _cached_scores(out_dir: Path | None, index: int, name: str, n: int) -> tuple
     entry = json.loads(path.read_text()).get(name)
     if not entry or len(entry["scores"]) < n:
         return None
-    return entry["scores"][:n], entry["valid"][:n]
+    return entry["scores"][:n], entry["valid"][:n], entry.get("reason")
 
 
-def _store_scores(out_dir: Path, index: int, name: str, scores: list[float], valid: list[bool]):
+def _store_scores(out_dir: Path, index: int, name: str, scores: list[float], valid: list[bool],
+                  reason: str | None):
     path = _prompt_dir(out_dir, index) / "scores.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     # NaN is not JSON; an invalid entry's value does not matter (valid=False), store 0.
-    data[name] = {"scores": [s if math.isfinite(s) else 0.0 for s in scores], "valid": valid}
+    data[name] = {"scores": [s if math.isfinite(s) else 0.0 for s in scores], "valid": valid,
+                  "reason": reason}
     path.write_text(json.dumps(data))
 
 
+def _invalid_reason(details: list[dict], valid: list[bool]) -> str | None:
+    """The first reason a reward gave for an invalid image (its details' 'error'), if any."""
+    for d, ok in zip(details, valid):
+        if not ok and isinstance(d, dict) and d.get("error"):
+            return str(d["error"])
+    return None
+
+
 def _score_reward(name: str, kwargs: dict, per_prompt: list[list[Image.Image]],
-                  items: list[PromptItem], out_dir: Path | None) -> tuple[list, list]:
-    """Scores [P][n] and valid [P][n] of one reward; prompts with cached scores are not rescored."""
+                  items: list[PromptItem], out_dir: Path | None) -> tuple[list, list, list]:
+    """Scores [P][n], valid [P][n] and invalid reasons [P] of one reward; prompts with cached
+    scores are not rescored."""
     from stagerl.rewards.base import build_reward
 
     n = len(per_prompt[0]) if per_prompt else 0
     scores: list = [None] * len(items)
     valid: list = [None] * len(items)
+    reasons: list = [None] * len(items)
     todo = []
     for i in range(len(items)):
         hit = _cached_scores(out_dir, i, name, n)
         if hit is None:
             todo.append(i)
         else:
-            scores[i], valid[i] = hit
+            scores[i], valid[i], reasons[i] = hit
     if todo:
-        fn = build_reward(name, **dict(kwargs.get(name, {})))
+        fn = build_reward(name, **dict(kwargs.get(name) or {}))
         images = [im for i in todo for im in per_prompt[i]]
         prompts = [items[i].prompt for i in todo for _ in range(n)]
         metas = [items[i].metadata for i in todo for _ in range(n)]
         out = fn(images, prompts, metas)
+        details = list(out.details) + [{}] * (len(images) - len(out.details))
         for k, i in enumerate(todo):
             s = [float(x) for x in out.scores[k * n:(k + 1) * n]]
             v = [bool(x) for x in out.valid[k * n:(k + 1) * n]]
             scores[i], valid[i] = s, v
+            reasons[i] = _invalid_reason(details[k * n:(k + 1) * n], v)
             if out_dir:
-                _store_scores(out_dir, i, name, s, v)
-    return scores, valid
+                _store_scores(out_dir, i, name, s, v, reasons[i])
+    return scores, valid, reasons
 
 
 def evaluate_prompts(policy: Any, items: list[PromptItem], reward_names: list[str],
                      reward_kwargs: dict[str, dict], images_per_prompt: int, params: SamplingParams,
-                     seed: int, out_dir: Path | None, title: str = "") -> dict[str, Any]:
+                     seed: int, out_dir: Path | None, title: str = "",
+                     progress: Any = None) -> dict[str, Any]:
     """Mean score per reward, per category (metadata 'tag') and overall (mean of categories).
 
+    ``result["notes"]`` says why a category has no score (every image invalid for a reward).
     Saves results.json and results.md (one table row per reward) under ``out_dir``."""
     if not items:
         raise UserError("evaluation: no prompts to evaluate")
@@ -272,20 +336,39 @@ def evaluate_prompts(policy: Any, items: list[PromptItem], reward_names: list[st
                                  "images_per_prompt": images_per_prompt,
                                  "cfg_scale": params.cfg_scale, "temperature": params.temperature,
                                  "top_k": params.top_k, "top_p": params.top_p})
-    per_prompt = generate_images(policy, items, images_per_prompt, params, seed, out_dir)
+    per_prompt = generate_images(policy, items, images_per_prompt, params, seed, out_dir,
+                                 progress=progress)
     tags = [it.metadata.get("tag") or "all" for it in items]
     table: dict[str, dict[str, float]] = {}
+    notes: list[str] = []
     for name in reward_names:
-        scores, valid = _score_reward(name, reward_kwargs, per_prompt, items, out_dir)
+        scores, valid, reasons = _score_reward(name, reward_kwargs, per_prompt, items, out_dir)
         table[name] = _per_tag(scores, valid, tags)
+        notes += _empty_tag_notes(name, valid, reasons, tags)
     result = {"prompts": len(items), "images_per_prompt": images_per_prompt, "seed": seed,
-              "cfg_scale": params.cfg_scale, "scores": table}
+              "cfg_scale": params.cfg_scale, "scores": table, "notes": notes}
     if out_dir:
         (out_dir / "results.json").write_text(json.dumps(result, indent=1))
         head = title or (f"{len(items)} prompts x {images_per_prompt} images: mean reward by "
                          f"category")
-        (out_dir / "results.md").write_text(markdown_table(table, head))
+        text = markdown_table(table, head) + "".join(f"\n- {note}" for note in notes)
+        (out_dir / "results.md").write_text(text + ("\n" if notes else ""))
     return result
+
+
+def _empty_tag_notes(name: str, valid: list[list[bool]], reasons: list[str | None],
+                     tags: list[str]) -> list[str]:
+    """One line per category in which reward ``name`` found no usable image, saying why."""
+    notes = []
+    for tag in sorted(set(tags)):
+        rows = [i for i, t in enumerate(tags) if t == tag]
+        if any(ok for i in rows for ok in valid[i]):
+            continue
+        count = sum(len(valid[i]) for i in rows)
+        why = next((reasons[i] for i in rows if reasons[i]), None)
+        notes.append(f"{tag}: no score from reward '{name}': all {count} images were invalid"
+                     + (f" ({why})" if why else " (the reward gave no reason)"))
+    return notes
 
 
 def _per_tag(scores: list[list[float]], valid: list[list[bool]],
@@ -305,13 +388,15 @@ def _per_tag(scores: list[list[float]], valid: list[list[bool]],
 def evaluate_benchmark(policy: Any, path: str | Path, reward_names: list[str],
                        reward_kwargs: dict[str, dict], images_per_prompt: int,
                        params: SamplingParams, seed: int, out_dir: Path | None,
-                       max_prompts: int | None = None) -> dict[str, Any]:
+                       max_prompts: int | None = None, items: list[PromptItem] | None = None,
+                       progress: Any = None) -> dict[str, Any]:
     """:func:`load_benchmark` + :func:`evaluate_prompts`: the one call ``stagerl eval --benchmark``
-    needs. ``max_prompts`` applies per file (every category of a folder is kept)."""
-    items = load_benchmark(path, max_prompts)
+    needs. The whole file is evaluated unless ``max_prompts`` is given, which applies per file
+    (every category of a folder is kept). ``items``: the benchmark already loaded."""
+    items = load_benchmark(path, max_prompts) if items is None else items
     title = f"{path}: mean reward by category ({len(items)} prompts x {images_per_prompt} images)"
     result = evaluate_prompts(policy, items, reward_names, reward_kwargs, images_per_prompt,
-                              params, seed, out_dir, title=title)
+                              params, seed, out_dir, title=title, progress=progress)
     result["benchmark"] = str(path)
     return result
 
@@ -328,12 +413,15 @@ def _columns(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def format_table(rows: dict[str, dict[str, float]], title: str = "") -> str:
-    """A plain-text table: one row per name, one column per category."""
+    """A plain-text table: one row per name, one column per category; names are never cut."""
     cols = _columns(rows)
-    head = f"{'':<14}" + "".join(f"{c[:12]:>13}" for c in cols)
+    first = max([len(name) for name in rows] + [4]) + 1
+    widths = [max(len(c), 6) + 2 for c in cols]
+    head = " " * first + "".join(f"{c:>{w}}" for c, w in zip(cols, widths))
     lines = [title] if title else []
-    lines += [head] + [f"{name[:14]:<14}" + "".join(
-        f"{r.get(c, float('nan')):>13.3f}" for c in cols) for name, r in rows.items()]
+    lines += [head] + [f"{name:<{first}}" + "".join(
+        f"{r.get(c, float('nan')):>{w}.3f}" for c, w in zip(cols, widths))
+        for name, r in rows.items()]
     return "\n".join(lines)
 
 
