@@ -244,31 +244,46 @@ def run_study(plan: StudyPlan, out: str | Path, progress: Any = None) -> dict[st
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    from stagerl.preflight import int_arg
+
     parser.add_argument("--quick", action="store_true",
                         help="short variant (<= 10 min on 2 cores): 12 steps, P=4, small evals")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
-    parser.add_argument("--out", default="runs/study", help="runs and evaluations go here")
-    parser.add_argument("--docs", default="docs", help="results.md and its figures go here")
+    parser.add_argument("--seeds", type=int_arg(1), default=3,
+                        help="seeds per row (default: %(default)s)")
+    parser.add_argument("--out", default="runs/study",
+                        help="runs and evaluations go here (default: %(default)s)")
+    parser.add_argument("--docs", default="docs",
+                        help="results.md and its figures go here (default: %(default)s)")
     parser.add_argument("--prefix", default="results",
-                        help="file names in --docs: <prefix>.md and <prefix>_*.png")
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma list of ablation rows")
-    parser.add_argument("--steps", type=int, default=None, help="override the training steps")
-    parser.add_argument("--model", default="builtin:shapes", help="base model directory")
+                        help="file names in --docs: <prefix>.md and <prefix>_*.png (default: "
+                             "%(default)s)")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help="comma list of ablation rows (default: all five)")
+    parser.add_argument("--steps", type=int_arg(1), default=None,
+                        help="training steps of every run (default: 100; 12 with --quick)")
+    parser.add_argument("--model", default="builtin:shapes",
+                        help="base model directory (default: %(default)s)")
     parser.add_argument("--configs", default="configs/ablations",
-                        help="folder with one <row>.yaml per ablation row")
-    parser.add_argument("--eval-prompts", type=int, default=None, help="prompts per suite")
-    parser.add_argument("--eval-images", type=int, default=None, help="images per prompt")
+                        help="folder with one <row>.yaml per ablation row (default: %(default)s)")
+    parser.add_argument("--eval-prompts", type=int_arg(1), default=None,
+                        help="prompts per suite (default: 96; 48 with --quick)")
+    parser.add_argument("--eval-images", type=int_arg(1), default=None,
+                        help="images per prompt (default: 4; 2 with --quick)")
     parser.add_argument("--conditions", default="",
                         help=f"comma list of extra conditions ({', '.join(CONDITIONS)}) or 'all'; "
-                             f"each trains {' and '.join(CONDITION_ROWS)} once more per seed")
-    parser.add_argument("--condition-seeds", type=int, default=None,
-                        help="seeds per condition run (default: --seeds)")
-    parser.add_argument("--curve-points", type=int, default=None,
-                        help="held-out evaluations during training (0 = none)")
-    parser.add_argument("--set", nargs="*", default=[], help="config overrides for every run")
+                             f"each trains {' and '.join(CONDITION_ROWS)} once more per seed "
+                             f"(default: none)")
+    parser.add_argument("--condition-seeds", type=int_arg(1), default=None,
+                        help="seeds per condition run, at most --seeds (default: --seeds)")
+    parser.add_argument("--curve-points", type=int_arg(0), default=None,
+                        help="held-out evaluations during training, 0 = none (default: 4; 2 with "
+                             "--quick)")
+    parser.add_argument("--set", nargs="*", default=[],
+                        help="config overrides for every run (default: none)")
 
 
 def plan_from_args(args: argparse.Namespace) -> StudyPlan:
+    """The plan of the parsed options, checked before any work (:func:`check_plan`)."""
     plan = StudyPlan.quick() if args.quick else StudyPlan()
     plan.seeds = list(range(args.seeds))
     plan.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -286,7 +301,33 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
     conds = [c.strip() for c in args.conditions.split(",") if c.strip()]
     plan.conditions = list(CONDITIONS) if conds == ["all"] else conds
     plan.condition_seeds = args.condition_seeds or args.seeds
+    check_plan(plan, args)
     return plan
+
+
+def check_plan(plan: StudyPlan, args: argparse.Namespace) -> None:
+    """Rows, conditions, seeds, folders, the base model and the overrides, before any work."""
+    from stagerl.preflight import check_model_path, check_output_dir
+
+    bad_rows = [r for r in plan.rows if r not in ROWS]
+    if bad_rows or not plan.rows:
+        raise UserError(f"--rows: unknown rows {bad_rows}; choose from {', '.join(ROWS)}")
+    bad = [c for c in plan.conditions if c not in CONDITIONS]
+    if bad:
+        raise UserError(f"--conditions: unknown {bad}; choose from {', '.join(CONDITIONS)} or all")
+    if plan.condition_seeds > len(plan.seeds):
+        raise UserError(f"--condition-seeds {plan.condition_seeds}: at most --seeds "
+                        f"({len(plan.seeds)})")
+    missing = [r for r in plan.rows if not (Path(plan.config_dir) / f"{r}.yaml").is_file()]
+    if missing:
+        raise UserError(f"--configs {plan.config_dir}: no {missing[0]}.yaml (one <row>.yaml per "
+                        f"row is needed)")
+    if not args.prefix or Path(args.prefix).name != args.prefix:
+        raise UserError(f"--prefix {args.prefix!r}: expected a plain file-name prefix")
+    check_output_dir(args.out, "--out")
+    check_output_dir(args.docs, "--docs")
+    check_model_path(load_config(None, [f"model.path={plan.model}"]).model, "--model")
+    load_config(None, list(plan.overrides))  # --set: a bad override fails now, not in run 1
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -315,8 +356,8 @@ def run_from_args(args: argparse.Namespace,
     ``stagerl study`` in cli.py reports progress and the result."""
     from stagerl.study_report import write_report
 
-    torch.set_num_threads(1)  # platform.md: one thread per process on the shared 2 cores
     plan = plan_from_args(args)
+    torch.set_num_threads(1)  # platform.md: one thread per process on the shared 2 cores
     summary = run_study(plan, args.out, progress=progress)
     paths = write_report(summary, args.docs, args.out, command=command_line(args),
                          prefix=args.prefix)
