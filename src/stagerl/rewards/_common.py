@@ -37,6 +37,14 @@ def require(module: str, reward: str, extra: str = "rewards") -> Any:
                         f"imported ({e}). Install it with: pip install 'stagerl[{extra}]'") from e
 
 
+def check_choice(reward: str, kwarg: str, value: Any, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else a UserError naming the reward and the kwarg."""
+    if value not in choices:
+        raise UserError(f"reward {reward!r}: {kwarg} must be one of "
+                        f"{', '.join(repr(c) for c in choices)}, got {value!r}")
+    return str(value)
+
+
 def resolve_device(device: str | None) -> torch.device:
     """'auto'/None -> cuda if visible else cpu; anything else is passed to torch.device."""
     if device in (None, "", "auto"):

@@ -10,6 +10,10 @@ clauses, else the prompt parser shared with the grounding reward (:func:`parse_p
 GIT's input is ``[CLS] question`` after the image tokens, without ``[SEP]`` (the model continues the
 text with its answer). Batches are right-padded and read at each question's last real token: text
 attends causally and image tokens never attend to text, so padding cannot change a score.
+
+``scoring="parity"`` builds the questions as the STAGE authors' reward code does (see
+:func:`parity_questions`; docs/rewards.md tabulates where it differs from the default). P(yes) is
+computed the same way in both scorings.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import torch
 from PIL import Image
 
 from stagerl.errors import UserError
-from stagerl.rewards._common import BatchedReward, local_or_hub, require
+from stagerl.rewards._common import BatchedReward, check_choice, local_or_hub, require
 from stagerl.rewards.base import register_reward
-from stagerl.rewards.grounding import NUMBER_WORDS, parse_prompt, spec_from_metadata
+from stagerl.rewards.grounding import (NUMBER_WORDS, SCORINGS, parse_prompt,
+                                       spec_from_metadata)
 
 _COUNT_WORDS = {v: k for k, v in NUMBER_WORDS.items() if v >= 2}
 
@@ -41,17 +46,50 @@ def questions_for(prompt: str, meta: dict[str, Any], template: str) -> list[str]
     return [template.format(phrase=_with_count(t.phrase, t.count)) for t in spec.objects]
 
 
+# scoring="parity": re-implemented (not copied) from krennic999/STAGE,
+# src/grpo/src/utils/reward_git.py (the same file as CaraJ7/T2I-R1,
+# src/t2i-r1/src/utils/reward_git.py).
+TEMPLATES = {"fixed": "is there {phrase}?", "parity": "{phrase}?"}
+PARITY_UNSCORED_TASKS = ("spatial", "numeracy")  # the authors give these prompts 0
+
+
+def parity_questions(prompt: str, meta: dict[str, Any],
+                     template: str) -> tuple[list[str], float | None]:
+    """(questions, constant) as the authors build them from the T2I-R1 metadata.
+
+    ``task_type`` "spatial" or "numeracy": no question, score 0. Else one question per
+    ``attr_nouns`` phrase when the prompt has them ("purple elephant?"), else per ``nouns`` entry
+    ("mirror?"); no nouns at all: no question, score 1."""
+    if meta.get("task_type") in PARITY_UNSCORED_TASKS:
+        return [], 0.0
+    phrases = meta.get("attr_nouns")
+    if phrases is None:
+        if "nouns" not in meta:
+            raise ValueError(f"scoring='parity' reads the T2I-R1 metadata (attr_nouns, nouns, "
+                             f"task_type); prompt {prompt!r} has neither attr_nouns nor nouns")
+        if not meta["nouns"]:
+            return [], 1.0
+        phrases = meta["nouns"]
+    if not phrases:
+        raise ValueError(f"prompt {prompt!r} has an empty attr_nouns list")
+    return [template.format(phrase=str(p)) for p in phrases], None
+
+
 @register_reward("git_vqa")
 class GitVqaReward(BatchedReward):
-    """``git_vqa``: kwargs ``checkpoint`` (default microsoft/git-large-vqav2), ``template``
-    (default "is there {phrase}?"), ``device``, ``dtype``, ``batch_size`` (questions per forward)."""
+    """``git_vqa``: kwargs ``checkpoint`` (default microsoft/git-large-vqav2), ``scoring``
+    ('fixed', default, or 'parity': the STAGE authors' questions, from T2I-R1 metadata),
+    ``template`` (default "is there {phrase}?" fixed, "{phrase}?" parity), ``device``, ``dtype``,
+    ``batch_size`` (questions per forward)."""
 
     name = "git_vqa"
 
-    def __init__(self, checkpoint: str = "microsoft/git-large-vqav2",
-                 template: str = "is there {phrase}?", device: str | None = "auto",
+    def __init__(self, checkpoint: str = "microsoft/git-large-vqav2", scoring: str = "fixed",
+                 template: str | None = None, device: str | None = "auto",
                  dtype: str | None = "float32", batch_size: int = 16):
         super().__init__(batch_size=batch_size, device=device, dtype=dtype)
+        self.scoring = check_choice(self.name, "scoring", scoring, SCORINGS)
+        template = TEMPLATES[self.scoring] if template is None else template
         if "{phrase}" not in template:
             raise UserError("reward 'git_vqa': template must contain '{phrase}'")
         self.checkpoint = local_or_hub(checkpoint, self.name)
@@ -93,19 +131,29 @@ class GitVqaReward(BatchedReward):
 
     def _score_batch(self, images: list[Image.Image], prompts: list[str],
                      metadata: list[dict[str, Any]]) -> tuple[list[float], list[dict[str, Any]]]:
-        qs = [questions_for(p, m, self.template) for p, m in zip(prompts, metadata)]
-        for p, q in zip(prompts, qs):
-            if not q:
+        if self.scoring == "parity":
+            plans = [parity_questions(p, m, self.template) for p, m in zip(prompts, metadata)]
+        else:
+            plans = [(questions_for(p, m, self.template), None) for p, m in zip(prompts, metadata)]
+        qs = [q for q, _ in plans]
+        for p, (q, const) in zip(prompts, plans):
+            if not q and const is None:
                 raise ValueError(f"no questions could be built from prompt {p!r}")
         flat_img = [im for im, q in zip(images, qs) for _ in q]
         flat_q = [x for q in qs for x in q]
-        probs = torch.cat([self.p_yes(flat_img[lo:lo + self.batch_size],
-                                      flat_q[lo:lo + self.batch_size])
-                           for lo in range(0, len(flat_q), self.batch_size)])  # [sum Q]
+        probs = torch.cat([torch.zeros(0)]  # [sum Q]; empty when parity asks nothing
+                          + [self.p_yes(flat_img[lo:lo + self.batch_size],
+                                        flat_q[lo:lo + self.batch_size])
+                             for lo in range(0, len(flat_q), self.batch_size)])
         scores, details, lo = [], [], 0
-        for q in qs:
+        for q, const in plans:
+            if const is not None:  # parity: a prompt the authors do not ask about
+                scores.append(const)
+                details.append({"scoring": self.scoring, "questions": [], "constant": const})
+                continue
             p = probs[lo:lo + len(q)]
             lo += len(q)
             scores.append(float(p.mean()))
-            details.append({"questions": q, "p_yes": [round(float(x), 6) for x in p]})
+            details.append({"scoring": self.scoring, "questions": q,
+                            "p_yes": [round(float(x), 6) for x in p]})
         return scores, details
