@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
+import math
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -142,7 +147,9 @@ class RunConfig:
     steps: int = _f(200, "Training steps (one rollout + mu updates each).", min=1)
     seed: int = _f(0, "Global seed (sampling, data order, init).")
     out_dir: str = _f("runs", "Parent folder of run directories.")
-    name: str = _f("", "Run name; empty = '<preset>-<timestamp>'.")
+    name: str = _f("", "Run folder inside run.out_dir; empty = '<algo.preset>-seed<run.seed>' "
+                   "(e.g. stage-seed0). A folder that already holds a run is refused unless "
+                   "run.resume=true (--resume); the name cannot lead outside run.out_dir.")
     resume: bool = _f(False, "Continue from the latest complete checkpoint in the run directory.")
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).", min=0)
     max_consecutive_skips: int = _f(3, "Stop after this many consecutive skipped (non-finite) steps.",
@@ -223,57 +230,179 @@ def _suggest(key: str) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def _omegaconf_error(err: OmegaConfBaseException, origin: str) -> UserError:
+class FieldError(UserError):
+    """A bad value of one field (``key``); :func:`load_config` adds the YAML file and line."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+class _Layer:
+    """One layer of config values and where it came from: a YAML file (whose keys have line
+    numbers), the command line, or an ``algo.preset`` row."""
+
+    def __init__(self, origin: str, data: Any, text: str | None = None):
+        self.origin = origin
+        self.data = OmegaConf.to_container(data) if isinstance(data, DictConfig) else data
+        self._root = yaml.compose(text, Loader=yaml.SafeLoader) if text else None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        node = self.data
+        for part in re.findall(r"[^.\[\]]+", key):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return default
+        return node
+
+    def has(self, key: str) -> bool:
+        return self.get(key, _Layer) is not _Layer
+
+    def where(self, key: str) -> str:
+        """``'file.yaml:LINE: '`` for a key of a YAML file, ``''`` for the command line."""
+        if self._root is None:
+            return "" if self.origin == "command line" else f"{self.origin}: "
+        line, node = None, self._root
+        for part in re.sub(r"\[\d+\]", "", key).split("."):
+            hit = next((kv for kv in getattr(node, "value", []) if isinstance(kv, tuple)
+                        and getattr(kv[0], "value", None) == part), None)
+            if not isinstance(node, yaml.MappingNode) or hit is None:
+                break
+            line, node = hit[0].start_mark.line + 1, hit[1]
+        return f"{self.origin}:{line}: " if line else f"{self.origin}: "
+
+
+_SHAPES = {"list": "a list such as [a, b]", "mapping": "a mapping such as {key: value}",
+           "value": "a single value, not a list or mapping"}
+_TYPE_WORDS = {float: "a number", int: "a whole number", bool: "true or false", str: "text"}
+
+
+def _hint(key: str) -> Any:
+    """The declared type of a dotted field (list element types for ``key[i]``)."""
+    section, _, name = re.sub(r"\[\d+\]", "", key).partition(".")
+    cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}.get(section)
+    hints = typing.get_type_hints(cls) if cls else {}
+    t = hints.get(name)
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    if typing.get_origin(t) is typing.Union and args:
+        t = args[0]
+    if "[" in key and typing.get_origin(t) in (list, tuple) and typing.get_args(t):
+        t = typing.get_args(t)[0]
+    return t
+
+
+def _shape(t: Any) -> str:
+    origin = typing.get_origin(t) or t
+    return "list" if origin in (list, tuple) else "mapping" if origin is dict else "value"
+
+
+def _check_shapes(layer: _Layer) -> None:
+    """Sections and field shapes of one layer, in words (OmegaConf's own are 'AnyNode is not a
+    ListConfig' and 'int is not a subclass of RunConfig')."""
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    for section, body in (layer.data or {}).items():
+        if section not in sections:
+            raise UserError(f"{layer.where(section)}unknown config key '{section}'."
+                            f"{_suggest(str(section))}")
+        if not isinstance(body, dict):
+            first = dataclasses.fields(sections[section]())[0].name
+            raise UserError(f"{layer.where(section)}'{section}' is a section of settings, not a "
+                            f"value (got {body!r}); set its fields, e.g. {section}.{first}=...")
+        for name, value in body.items():
+            key = f"{section}.{name}"
+            if _hint(key) is None:
+                raise UserError(f"{layer.where(key)}unknown config key '{key}'.{_suggest(key)}")
+            want = _shape(_hint(key))
+            got = "list" if isinstance(value, list) else "mapping" if isinstance(value, dict) \
+                else "value"
+            if value is not None and got != want:
+                raise UserError(f"{layer.where(key)}{key}: expected {_SHAPES[want]}, got {value!r}")
+
+
+def _omegaconf_error(err: OmegaConfBaseException, layer: _Layer) -> UserError:
     key = getattr(err, "full_key", None) or ""
+    where = layer.where(key)
     if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err):
-        return UserError(f"{origin}: unknown config key '{key}'.{_suggest(key)}")
-    if isinstance(err, ValidationError):
-        msg = str(err).splitlines()[0]
-        return UserError(f"{origin}: bad value for '{key}': {msg}")
-    return UserError(f"{origin}: {str(err).splitlines()[0]}")
+        return UserError(f"{where}unknown config key '{key}'.{_suggest(key)}")
+    want = _TYPE_WORDS.get(_hint(key)) if key else None
+    if isinstance(err, ValidationError) and want:
+        return UserError(f"{where}{key}: expected {want}, got {layer.get(key)!r}")
+    return UserError(f"{where}{key + ': ' if key else ''}{str(err).splitlines()[0]}")
 
 
-def _load_yaml(path: str) -> DictConfig:
+def _read_text(path: str) -> str:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        cfg = OmegaConf.load(p)
-    except Exception as err:  # yaml.YAMLError and friends
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{path}: not valid YAML: {first}") from None
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a UTF-8 text file (undecodable byte at offset "
+                        f"{err.start})") from None
+
+
+def _yaml_problem(err: Exception) -> str:
+    """PyYAML's problem in one phrase, with the line its context started on when that differs."""
+    problem = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    mark = getattr(err, "problem_mark", None)
+    if context and start is not None and mark is not None and start.line != mark.line:
+        context = f"{context} started on line {start.line + 1}"
+    return f"{problem} ({context})" if context else problem
+
+
+def _load_yaml(path: str) -> _Layer:
+    text = _read_text(path)
+    try:
+        cfg = OmegaConf.load(io.StringIO(text))
+        layer = _Layer(path, cfg, text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise UserError(f"{where}: not valid YAML: {_yaml_problem(err)}") from None
+    except OmegaConfBaseException as err:
+        raise UserError(f"{path}: not a valid config: {str(err).splitlines()[0]}") from None
     if not isinstance(cfg, DictConfig):
         raise UserError(f"{path}: a config file must be a mapping of sections")
-    return cfg
+    return layer
 
 
-def _parse_overrides(overrides: list[str]) -> DictConfig:
+def _parse_overrides(overrides: list[str]) -> _Layer:
     for o in overrides:
         if "=" not in o or o.startswith("="):
             raise UserError(f"bad override {o!r}: expected dotted.key=value, e.g. algo.beta=0.01")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise UserError(f"bad override: {str(err).splitlines()[0]}") from None
-
-
-def _merge(layers: list[tuple[str, Any]]) -> DictConfig:
-    cfg = OmegaConf.structured(Config)
-    for origin, layer in layers:
         try:
-            cfg = OmegaConf.merge(cfg, layer)
+            OmegaConf.from_dotlist([o])
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            raise UserError(f"bad override {o!r}: the value is not valid YAML "
+                            f"({_yaml_problem(err)}); close lists with ']' and quote text "
+                            f"that holds ':' or ','") from None
+    return _Layer("command line", OmegaConf.from_dotlist(list(overrides)))
+
+
+def _merge(layers: list[_Layer]) -> DictConfig:
+    cfg = OmegaConf.structured(Config)
+    for layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer.data)
         except OmegaConfBaseException as err:
-            raise _omegaconf_error(err, origin) from None
+            raise _omegaconf_error(err, layer) from None
     return cfg
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Defaults <- preset <- YAML file <- dotted overrides; validated. Raises UserError."""
-    layers: list[tuple[str, Any]] = []
+    """Defaults <- preset <- YAML file <- dotted overrides; validated. Raises UserError; errors in a
+    YAML file name its line."""
+    layers: list[_Layer] = []
     if path:
-        layers.append((path, _load_yaml(path)))
+        layers.append(_load_yaml(path))
     if overrides:
-        layers.append(("command line", _parse_overrides(overrides)))
+        layers.append(_parse_overrides(overrides))
+    for layer in layers:
+        _check_shapes(layer)
     merged = _merge(layers)
     preset = merged.algo.preset
     if preset is not None:
@@ -282,39 +411,88 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         try:
             row = get_preset(preset)
         except KeyError as err:
-            raise UserError(f"algo.preset: {err.args[0]}") from None
-        merged = _merge([(f"preset {preset}", {"algo": row})] + layers)
+            where = next((lay.where("algo.preset") for lay in reversed(layers)
+                          if lay.has("algo.preset")), "")
+            raise UserError(f"{where}algo.preset: {err.args[0]}") from None
+        merged = _merge([_Layer(f"preset {preset}", {"algo": row})] + layers)
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(cfg)
+    try:
+        validate(cfg)
+    except FieldError as err:
+        where = next((lay.where(err.key) for lay in reversed(layers) if lay.has(err.key)), "")
+        raise UserError(f"{where}{err}") from None
     return cfg
 
 
+def _non_finite(value: Any, key: str) -> str | None:
+    """The dotted key of the first NaN/inf float inside ``value``, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key
+    items = value.items() if isinstance(value, dict) else enumerate(value) \
+        if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        bad = _non_finite(v, f"{key}[{k}]" if isinstance(k, int) else f"{key}.{k}")
+        if bad:
+            return bad
+    return None
+
+
+def _check_field(key: str, value: Any, meta: Any) -> None:
+    """Finiteness, choices and the min/max of one field's metadata."""
+    bad = _non_finite(value, key)
+    if bad:
+        raise FieldError(key, f"expected a finite number, got {value!r}" if bad == key
+                         else f"expected finite numbers, got {value!r} (at {bad})")
+    if value is None or isinstance(value, bool):
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        raise FieldError(key, f"expected one of {', '.join(meta['choices'])}, got {value!r}")
+    if "min" in meta and isinstance(value, (int, float)) and value < meta["min"]:
+        raise FieldError(key, f"expected a value >= {meta['min']}, got {value!r}")
+    if "max" in meta and isinstance(value, (int, float)) and value > meta["max"]:
+        raise FieldError(key, f"expected a value <= {meta['max']}, got {value!r}")
+
+
+def _check_rules(cfg: Config) -> None:
+    """Rules that span fields or need more than a min/max."""
+    r, s = cfg.reward, cfg.sampling
+    if not r.names:
+        raise FieldError("reward.names", "expected at least one reward name")
+    if r.weights and len(r.weights) != len(r.names):
+        raise FieldError("reward.weights", f"expected {len(r.names)} weights (one per "
+                         f"reward.names entry), got {len(r.weights)}")
+    if r.weights and not any(r.weights):
+        raise FieldError("reward.weights", f"every weight is 0, so no reward reaches the "
+                         f"policy; got {list(r.weights)}")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise FieldError("optim.betas", f"expected two numbers in [0, 1), got "
+                         f"{list(cfg.optim.betas)}")
+    if s.top_p <= 0.0 or s.top_k == 1:
+        which = "sampling.top_p" if s.top_p <= 0.0 else "sampling.top_k"
+        raise FieldError(which, "keeps only the most likely token, so every sample of a group is "
+                         "the same and nothing can be learned; use top_p in (0, 1] and top_k 0 "
+                         "or >= 2")
+    if not 0 <= cfg.run.seed < 2 ** 63:
+        raise FieldError("run.seed", f"expected a value in [0, 2**63), got {cfg.run.seed}")
+    from stagerl.eval import suite_names
+
+    if cfg.log.eval_suite not in suite_names():
+        raise FieldError("log.eval_suite", f"unknown shapes suite {cfg.log.eval_suite!r}; "
+                         f"choose from {', '.join(suite_names())}")
+
+
 def validate(cfg: Config) -> None:
-    """Range/choice checks from field metadata, plus cross-field rules."""
+    """Range/choice/finiteness checks from field metadata, plus cross-field rules. Raises
+    :class:`FieldError` (a UserError) naming the field."""
     if str(cfg.algo.entropy_reward) in ("False", "false"):  # YAML reads a bare `off` as False
         cfg.algo.entropy_reward = "off"
+    if str(cfg.run.mixed_precision) in ("False", "false"):  # ... and a bare `no` as False
+        cfg.run.mixed_precision = "no"
     for section in dataclasses.fields(cfg):
         sub = getattr(cfg, section.name)
         for f in dataclasses.fields(sub):
-            v = getattr(sub, f.name)
-            key = f"{section.name}.{f.name}"
-            meta = f.metadata
-            if v is None:
-                continue
-            if "choices" in meta and v not in meta["choices"]:
-                raise UserError(f"{key}: expected one of {', '.join(meta['choices'])}, got {v!r}")
-            if "min" in meta and isinstance(v, (int, float)) and v < meta["min"]:
-                raise UserError(f"{key}: expected a value >= {meta['min']}, got {v!r}")
-            if "max" in meta and isinstance(v, (int, float)) and v > meta["max"]:
-                raise UserError(f"{key}: expected a value <= {meta['max']}, got {v!r}")
-    r = cfg.reward
-    if r.weights and len(r.weights) != len(r.names):
-        raise UserError(f"reward.weights: expected {len(r.names)} weights (one per reward.names "
-                        f"entry), got {len(r.weights)}")
-    if not r.names:
-        raise UserError("reward.names: expected at least one reward name")
-    if len(cfg.optim.betas) != 2:
-        raise UserError(f"optim.betas: expected two numbers, got {list(cfg.optim.betas)}")
+            _check_field(f"{section.name}.{f.name}", getattr(sub, f.name), f.metadata)
+    _check_rules(cfg)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
@@ -40,6 +41,7 @@ from stagerl.errors import UserError
 from stagerl.policies import PolicyPair, register_policy
 from stagerl.policies.base import (LOGPROB_MODES, PromptInputs, SampleOutput, SamplingParams,
                                    TokenStats)
+from stagerl.policies.sampling import inverse_cdf
 from stagerl.worlds.shapes.tokenizer import PatchTokenizer
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class PromptVocab:
             raise ValueError("a PromptVocab word list must start with <pad>, <unk>, <null>")
         self.words = list(words)
         self.index = {w: i for i, w in enumerate(self.words)}
+        self._warned_unknown = False
 
     @staticmethod
     def split(prompt: str) -> list[str]:
@@ -80,6 +83,7 @@ class PromptVocab:
         ids = torch.zeros(len(prompts), length, dtype=torch.long)  # <pad> = 0
         mask = torch.zeros(len(prompts), length, dtype=torch.bool)
         unk = self.index[self.UNK]
+        self._warn_unknown(prompts)
         for i, prompt in enumerate(prompts):
             words = self.split(prompt)
             if len(words) > length:
@@ -90,6 +94,18 @@ class PromptVocab:
                 ids[i, length - len(words):] = torch.tensor([self.index.get(w, unk) for w in words])
                 mask[i, length - len(words):] = True
         return ids, mask
+
+    def _warn_unknown(self, prompts: list[str]) -> None:
+        """Warn once that words outside the vocabulary are read as ``<unk>`` (the model cannot
+        follow such prompts, so samples and rewards for them say little)."""
+        if self._warned_unknown:
+            return
+        unknown = sorted({w for p in prompts for w in self.split(p) if w not in self.index})
+        if unknown:
+            self._warned_unknown = True
+            shown = ", ".join(repr(w) for w in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+            log.warning("prompt words outside the shapes model's vocabulary are read as <unk>: "
+                        "%s (shown once; the model knows %d words)", shown, len(self.words) - 3)
 
     def null(self, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The unconditional branch: ``<null>`` in the last slot, pads before it."""
@@ -299,7 +315,8 @@ class TinyPolicy(nn.Module):
 
     @torch.no_grad()
     def sample(self, inputs: PromptInputs, params: SamplingParams,
-               generator: torch.Generator | None = None, *, use_cache: bool = True) -> SampleOutput:
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None, *,
+               use_cache: bool = True) -> SampleOutput:
         """CFG sampling; ``use_cache=False`` recomputes the prefix every step (tests/benchmark)."""
         if params.logprob_mode not in LOGPROB_MODES:
             raise ValueError(f"logprob_mode must be one of {LOGPROB_MODES}")
@@ -328,10 +345,12 @@ class TinyPolicy(nn.Module):
             lp_beh = torch.log_softmax(self._truncate(g / params.temperature, params.top_k,
                                                       params.top_p), dim=-1)
             # Inverse-CDF draw: one uniform per row per step, whatever the path (cache or not).
-            cdf = lp_beh.exp().cumsum(-1)
-            r = torch.rand(n, 1, generator=generator,
-                           device=generator.device if generator is not None else dev).to(dev)
-            tok = torch.searchsorted(cdf, r * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
+            if noise is not None:
+                u = noise[:, t]
+            else:
+                u = torch.rand(n, generator=generator,
+                               device=generator.device if generator is not None else dev)
+            tok = inverse_cdf(lp_beh.exp(), u)[:, None]
             tokens[:, t] = tok[:, 0]
             scored[:, t] = lp_scored.gather(-1, tok)[:, 0]
             behaviour[:, t] = lp_beh.gather(-1, tok)[:, 0]
@@ -373,9 +392,9 @@ class TinyPolicy(nn.Module):
             vocab = PromptVocab(json.loads((src / _VOCAB).read_text()))
             model = cls(config, PatchTokenizer.load(src), vocab)
             model.load_state_dict(load_file(str(src / _WEIGHTS)))
-        except (TypeError, ValueError, RuntimeError, KeyError) as err:
+        except (TypeError, ValueError, RuntimeError, KeyError, OSError, SafetensorError) as err:
             raise UserError(f"model.path {str(src)!r}: cannot load the tiny policy ({err})"
-                            ) from err
+                            ) from None
         return model
 
 
