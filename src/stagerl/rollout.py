@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from stagerl import algo
-from stagerl.data import PromptItem
+from stagerl.data import PromptItem, mix_seed
 from stagerl.policies.base import PromptInputs, SamplingParams
+from stagerl.policies.sampling import group_noise
 from stagerl.rewards.base import RewardSet
 
 
@@ -90,35 +91,41 @@ def _teacher_forced(model: Any, inputs: PromptInputs, tokens: torch.Tensor, cfg:
 
 
 @torch.no_grad()
-def generate(policy: Any, items: list[PromptItem], group_size: int, params: SamplingParams,
-             generator: torch.Generator, micro: int = 0):
-    """Sample G sequences per prompt -> (inputs [N, T], tokens [N, L], scored log-probs [N, L])."""
+def generate(policy: Any, items: list[PromptItem], first_group: int, group_size: int,
+             params: SamplingParams, seed: int, micro: int = 0):
+    """Sample G sequences per prompt -> (inputs [N, T], tokens [N, L], scored log-probs [N, L]).
+
+    Group k's randomness comes from (seed, its global index ``first_group + k``) only, so the
+    tokens do not depend on the process layout, the micro-batching or the device
+    (:mod:`stagerl.policies.sampling`).
+    """
     prompts = [it.prompt for it in items for _ in range(group_size)]
     device = next(policy.parameters()).device
     inputs = policy.encode_prompts(prompts).to(device)
+    noise = group_noise([mix_seed(seed, first_group + k) for k in range(len(items))], group_size,
+                        policy.num_image_tokens).to(device)  # [N, L]
     micro = micro or len(prompts)
     toks, lps = [], []
     for s in range(0, len(prompts), micro):
-        out = policy.sample(inputs.select(slice(s, s + micro)), params, generator=generator)
+        out = policy.sample(inputs.select(slice(s, s + micro)), params, noise=noise[s:s + micro])
         toks.append(out.tokens)
         lps.append(out.logprobs.float())
     return inputs, torch.cat(toks), torch.cat(lps)
 
 
 def rollout(policy: Any, reference: Any | None, items: list[PromptItem], first_group: int,
-            rewards: RewardSet, cfg: Any, generator: torch.Generator,
-            train_forward: Any | None = None) -> Rollout:
+            rewards: RewardSet, cfg: Any, seed: int, train_forward: Any | None = None) -> Rollout:
     """Sample, score and compute advantages and token weights for ``items`` (this process's prompts).
 
     ``policy`` is the unwrapped module (sampling, embeddings, decoding); ``train_forward`` is the
     module whose ``forward`` gives teacher-forced stats (the accelerate-prepared wrapper; defaults to
-    ``policy``).
+    ``policy``). ``seed`` is this step's sampling seed (see :func:`generate`).
     """
     G = cfg.sampling.group_size
     params = SamplingParams(cfg.sampling.cfg_scale, cfg.sampling.temperature, cfg.sampling.top_k,
                             cfg.sampling.top_p, cfg.sampling.logprob_mode)
     t0 = time.perf_counter()
-    inputs, tokens, sample_lp = generate(policy, items, G, params, generator,
+    inputs, tokens, sample_lp = generate(policy, items, first_group, G, params, seed,
                                          cfg.sampling.micro_batch)
     t1 = time.perf_counter()
     micro = cfg.sampling.micro_batch or len(tokens)

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from stagerl import algo
+from stagerl import algo, distributed
 from stagerl.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from stagerl.config import Config, needs_reference, to_yaml
 from stagerl.data import build_source, mix_seed
@@ -43,36 +44,41 @@ class TrainResult:
     eval_after: dict[str, Any] | None
     seconds: float
     policy: Any = None  # the trained (unwrapped) policy, for programmatic use
+    model: Any = None  # the engine's module (DDP/DeepSpeed wrapper, FSDP2-sharded policy)
+    engine: str = "single"  # see stagerl.distributed
 
 
 def train(cfg: Config, progress: Any = None) -> TrainResult:
     """Run STAGE/GRPO training as configured. ``progress`` is an optional tqdm-like factory."""
     t_start = time.perf_counter()
-    accelerator = _make_accelerator(cfg)
+    engine = distributed.check_launch(cfg)  # a launch that contradicts the recipe fails here
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    prompts_local = _local_prompts(cfg, world)
     run_dir = _run_dir(cfg)
     torch.manual_seed(cfg.run.seed)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
 
-    # --- model, optimiser, schedule, rewards, prompts ------------------------------------------
+    # --- model (before the accelerator: see distributed.py), optimiser, schedule ------------------
     pair = build_policy(cfg.model, need_reference=needs_reference(cfg))
     policy, reference = pair.policy, pair.reference
-    params = [p for p in policy.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in policy.parameters()):
         raise UserError("model: no trainable parameters (check model.train_modules / model.lora)")
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    accelerator = distributed.make_accelerator(cfg, engine,
+                                               prompts_local * cfg.sampling.group_size)
+    model, optimizer, base_optimizer = distributed.prepare(
+        accelerator, engine, policy,
+        lambda params: torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                         eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay))
     # The scheduler is stepped by us once per rollout, not prepared: accelerate's wrapper steps
     # it once per process per call in multi-process runs.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    model, optimizer = accelerator.prepare(policy, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(cfg))
     accelerator.register_for_checkpointing(scheduler)
-    policy = accelerator.unwrap_model(model)
+    policy = distributed.unwrap(accelerator, model)
     if reference is not None:
         reference.to(accelerator.device)
     rewards = RewardSet(list(cfg.reward.names), dict(cfg.reward.kwargs))
     source = build_source(cfg.data.source, cfg.run.seed, cfg.data.shuffle)
-    prompts_local = _local_prompts(cfg, accelerator.num_processes)
 
     # --- run directory, resume -----------------------------------------------------------------
     state = TrainerState()
@@ -96,20 +102,19 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
         step = state.step
         first = state.data_position + accelerator.process_index * prompts_local
         items = source.batch(first, prompts_local)
-        gen = torch.Generator(device="cpu").manual_seed(
-            mix_seed(cfg.run.seed, step * 1009 + accelerator.process_index))
         t0 = time.perf_counter()
-        with _full_params(accelerator, model):
-            ro = rollout(policy, reference, items, first, rewards, cfg, gen, train_forward=model)
+        with distributed.sampling_weights(engine, model):  # gathered once per rollout
+            ro = rollout(policy, reference, items, first, rewards, cfg,
+                         seed=mix_seed(cfg.run.seed, step), train_forward=model)
         t1 = time.perf_counter()
-        metrics = update(model, ro, optimizer, scheduler, accelerator, cfg)
+        metrics = update(model, ro, optimizer, scheduler, accelerator, cfg, engine)
         t2 = time.perf_counter()
         state.step += 1
         state.data_position += prompts_local * accelerator.num_processes
         skipped = metrics is None
         state.consecutive_skips = state.consecutive_skips + 1 if skipped else 0
         state.total_skips += int(skipped)
-        metrics = _gather_metrics(accelerator, {**ro.metrics, **(metrics or {})})
+        metrics = distributed.gather_metrics(accelerator, {**ro.metrics, **(metrics or {})})
         metrics.update({"perf/rollout_s": t1 - t0, "perf/update_s": t2 - t1,
                         "perf/samples_per_s": len(ro) * accelerator.num_processes / (t2 - t0),
                         "optim/lr": scheduler.get_last_lr()[0], "train/skipped": float(skipped)})
@@ -138,16 +143,16 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
     # --- the end: checkpoint, export, evaluate ---------------------------------------------------
     if latest_checkpoint(ckpt_root) != ckpt_root / f"step_{state.step:06d}":
         save_checkpoint(accelerator, ckpt_root, state, to_yaml(cfg))
-    _export(accelerator, model, policy, run_dir / "final")
+    _export(accelerator, engine, model, policy, run_dir / "final")
     eval_after = _evaluate(cfg, policy, accelerator, tracker, state.step, "after")
     tracker.close()
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, state.step, state.total_skips, eval_before, eval_after,
-                       time.perf_counter() - t_start, policy)
+                       time.perf_counter() - t_start, policy, model, engine)
 
 
 def update(model: Any, ro: Rollout, optimizer: Any, scheduler: Any, accelerator: Any,
-           cfg: Config) -> dict[str, float] | None:
+           cfg: Config, engine: str = "single") -> dict[str, float] | None:
     """mu passes of (micro-batched) policy-gradient + KL steps on one rollout (method.md §3-§4).
 
     Returns metrics, or None when a non-finite reward/loss/gradient made the step a skip (no
@@ -173,11 +178,13 @@ def update(model: Any, ro: Rollout, optimizer: Any, scheduler: Any, accelerator:
                     optimizer.zero_grad(set_to_none=True)
                     log.warning("non-finite loss; step skipped")
                     return None
-                accelerator.backward(loss)
+                # Our micro-batch losses are shares that add up to the rollout's loss; accelerate
+                # (and DeepSpeed) divide each by grad_accum as if it were a mean: undo that.
+                accelerator.backward(loss * cfg.optim.grad_accum)
             for key, v in mets.items():  # loss/* are shares that add up; the rest are means
                 share = 1.0 if key.startswith("loss/") else 1.0 / len(chunks)
                 sums[key] = sums.get(key, 0.0) + v * share / a.updates_per_rollout
-        grad_norm = _clip(accelerator, model, cfg.optim.grad_clip)
+        grad_norm = distributed.clip_grad_norm(accelerator, engine, model, cfg.optim.grad_clip)
         if not math.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             log.warning("non-finite gradient norm; step skipped")
@@ -213,20 +220,12 @@ def micro_batch_loss(model: Any, ro: Rollout, idx: torch.Tensor, cfg: Config,
 # Helpers: accelerate, schedule, metrics, evaluation.
 
 
-def _make_accelerator(cfg: Config) -> Any:
-    from accelerate import Accelerator
-
-    # Without a GPU, accelerate only sets up gloo multi-process training (torchrun / accelerate
-    # launch --multi_gpu on CPU, platform.md) when told it runs on the CPU.
-    has_accel = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) \
-        or torch.backends.mps.is_available()
-    return Accelerator(cpu=cfg.run.cpu or not has_accel, mixed_precision=cfg.run.mixed_precision,
-                       gradient_accumulation_steps=cfg.optim.grad_accum)
-
-
 def _run_dir(cfg: Config) -> Path:
-    name = cfg.run.name or f"{cfg.algo.preset or 'custom'}-seed{cfg.run.seed}"
-    path = Path(cfg.run.out_dir) / name
+    """``run.out_dir / run.name``, checked (inside out_dir, writable, no other run there unless
+    resuming; stagerl.checkpoint.resolve_run_dir), then created."""
+    from stagerl.checkpoint import resolve_run_dir
+
+    path = resolve_run_dir(cfg.run, cfg.algo.preset)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -256,63 +255,19 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def _full_params(accelerator: Any, model: Any):
-    """Sampling calls the bare module; under FSDP its parameters must be gathered first."""
-    import contextlib
-
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        return FSDP.summon_full_params(model, writeback=False)
-    return contextlib.nullcontext()
-
-
-def _export(accelerator: Any, model: Any, policy: Any, path: Path) -> None:
-    """Write the final model; under ZeRO-3 / FSDP the full state dict is gathered on all ranks."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        state_dict = accelerator.get_state_dict(model)
-        if accelerator.is_main_process:
-            policy.save_pretrained(str(path), state_dict=state_dict)
-    elif accelerator.is_main_process:
-        policy.save_pretrained(str(path))
+def _export(accelerator: Any, engine: str, model: Any, policy: Any, path: Path) -> None:
+    """Write the final model, loadable by plain ``from_pretrained``; every rank takes part in the
+    gather of sharded weights (ZeRO-3, FSDP2), the main rank writes."""
+    state_dict = distributed.full_state_dict(accelerator, engine, model)
+    if accelerator.is_main_process:
+        policy.save_pretrained(str(path), state_dict=state_dict) if state_dict is not None \
+            else policy.save_pretrained(str(path))
     accelerator.wait_for_everyone()
 
 
-def _clip(accelerator: Any, model: Any, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if max_norm > 0:
-        return float(accelerator.clip_grad_norm_(params, max_norm))
-    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
-
-
 def _all_finite(accelerator: Any, *tensors: torch.Tensor) -> bool:
-    ok = torch.tensor(float(all(bool(torch.isfinite(t).all()) for t in tensors)),
-                      device=accelerator.device)
-    return bool(accelerator.reduce(ok, reduction="sum") >= accelerator.num_processes - 0.5) \
-        if accelerator.num_processes > 1 else bool(ok)
-
-
-def _gather_metrics(accelerator: Any, metrics: dict[str, float]) -> dict[str, float]:
-    """Mean of every scalar metric over the processes that report it.
-
-    Key sets can differ between processes (per-category reward metrics exist only for the
-    categories a process sampled), so dicts are gathered as objects rather than all-reduced as
-    one vector, which would mismatch in length and break the collective.
-    """
-    if accelerator.num_processes == 1:
-        return dict(metrics)
-    from accelerate.utils import gather_object
-
-    merged: dict[str, list[float]] = {}
-    for part in gather_object([metrics]):
-        for k, v in part.items():
-            merged.setdefault(k, []).append(float(v))
-    return {k: sum(v) / len(v) for k, v in merged.items()}
+    return distributed.all_ranks_true(accelerator,
+                                      all(bool(torch.isfinite(t).all()) for t in tensors))
 
 
 def _log_grid(tracker: Tracker, ro: Rollout, step: int, G: int) -> None:
@@ -340,5 +295,12 @@ def _evaluate(cfg: Config, policy: Any, accelerator: Any, tracker: Tracker, step
 
 
 def _read_eval(run_dir: Path, tag: str) -> dict[str, Any] | None:
+    """A saved evaluation of a resumed run; None (with a warning) when missing or cut short."""
     p = run_dir / f"eval_{tag}.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (ValueError, OSError) as err:
+        log.warning("ignoring %s: not readable JSON (%s)", p, err)
+        return None

@@ -17,7 +17,7 @@ Distributions (method.md, "Behaviour vs scored distribution"):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -73,9 +73,12 @@ class SampleOutput:
     behaviour_logprobs: torch.Tensor  # [N, L] fp32 log-prob under the *behaviour* distribution
 
 
-@dataclass
-class TokenStats:
-    """Teacher-forced statistics of given tokens under the scored distribution."""
+class TokenStats(NamedTuple):
+    """Teacher-forced statistics of given tokens under the scored distribution.
+
+    A named tuple, not a dataclass: engines that hook the module's outputs (DeepSpeed ZeRO-3's
+    backward hooks) only see tensors inside tuples, lists and dicts.
+    """
 
     logprobs: torch.Tensor  # [N, L] fp32 log pi(x_t | c, x_<t)  (carries grad when requested)
     entropy: torch.Tensor  # [N, L] fp32 entropy of the full next-token distribution
@@ -101,8 +104,13 @@ class Policy(Protocol):
         """Tokenise prompts (and build the unconditional branch the way the model was trained)."""
 
     def sample(self, inputs: PromptInputs, params: SamplingParams,
-               generator: torch.Generator | None = None) -> SampleOutput:
-        """CFG sampling with a KV cache, no gradients. One sequence per row of ``inputs``."""
+               generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None) -> SampleOutput:
+        """CFG sampling with a KV cache, no gradients. One sequence per row of ``inputs``.
+
+        Randomness comes from ``noise`` [N, L] (uniforms; token = inverse CDF, see
+        :mod:`stagerl.policies.sampling`) when given, else from ``generator``.
+        """
 
     def forward(self, inputs: PromptInputs, tokens: torch.Tensor, logprob_mode: str = "cond",
                 cfg_scale: float = 1.0, temperature: float = 1.0,

@@ -20,7 +20,6 @@ vocabulary, H hidden size, D VQ code dimension.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -36,6 +35,7 @@ from stagerl.errors import UserError
 from stagerl.policies import PolicyPair, register_policy
 from stagerl.policies.base import (LOGPROB_MODES, PromptInputs, SampleOutput, SamplingParams,
                                    TokenStats)
+from stagerl.policies.sampling import draw
 from stagerl.policies.janus_lora import (JanusReferenceView, add_cli_args, merge_lora,  # noqa: F401
                                         run_cli)  # add_cli_args/run_cli: `stagerl merge-lora`
 
@@ -105,21 +105,9 @@ def _stats(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, to
     return picked, entropy
 
 
-def gathered(module: nn.Module) -> contextlib.AbstractContextManager:
-    """All-gather ``module``'s parameters while inside, when DeepSpeed ZeRO-3 has partitioned them.
-
-    ZeRO-3 gathers a module's weights only around that module's own ``forward``; sampling,
-    ``decode_image_tokens`` (which reads ``embedding.weight.shape`` outside any forward) and the
-    codebook lookup run outside the engine's forward. Gathering once per call also avoids one
-    all-gather per layer per image token during sampling. A no-op without ZeRO-3 (``ds_id`` marks
-    its parameters). Not exercised here: no GPU/DeepSpeed in CI (docs/janus.md).
-    """
-    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+def _hook_managed(module: nn.Module) -> bool:
+    """True when an engine materialises ``module``'s weights only around its forward (ZeRO-3)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 class JanusPolicy(nn.Module):
@@ -162,6 +150,10 @@ class JanusPolicy(nn.Module):
     @property
     def num_image_tokens(self) -> int:
         return self._grid[0] * self._grid[1]
+
+    def shard_units(self) -> list[nn.Module]:
+        """The transformer blocks that FSDP2 shards one by one (the LM's decoder layers)."""
+        return list(self.core.model.language_model.layers)
 
     @property
     def device(self) -> torch.device:
@@ -209,6 +201,13 @@ class JanusPolicy(nn.Module):
         """[..., H] -> [..., V] fp32 image-token logits."""
         return self.core.model.generation_head(hidden).float()
 
+    def _uncond_head(self, hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """Logits of the unconditional branch, without gradients (None passes through)."""
+        if hidden is None:
+            return None
+        with torch.no_grad():
+            return self._head(hidden)
+
     # ---- teacher forcing (runs inside the prepared module's forward: DDP/FSDP sync it) ----------
     def forward(self, inputs: PromptInputs, tokens: torch.Tensor, logprob_mode: str = "cond",
                 cfg_scale: float = 1.0, temperature: float = 1.0,
@@ -229,25 +228,32 @@ class JanusPolicy(nn.Module):
             with torch.no_grad():
                 h_unc = self._trunk(inputs.uncond_ids, inputs.uncond_mask, tokens)  # [N, L, H]
 
+        def logit_stats(lc: torch.Tensor, lu: torch.Tensor | None,
+                        tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return _stats(scored_logits(lc, lu, logprob_mode, cfg_scale, temperature), tok)
+
         def chunk_stats(hc: torch.Tensor, hu: torch.Tensor | None,
                         tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            u = None
-            if hu is not None:
-                with torch.no_grad():
-                    u = self._head(hu)
-            return _stats(scored_logits(self._head(hc), u, logprob_mode, cfg_scale, temperature),
-                          tok)
+            return logit_stats(self._head(hc), self._uncond_head(hu), tok)
 
+        # Under ZeRO-3 the head's weights exist only around the head's own forward; a recompute
+        # inside torch.utils.checkpoint would see them released. There the head runs outside the
+        # checkpoint (its fp32 logits are kept, one [N, chunk, V] tensor per chunk) and only the
+        # softmax statistics are recomputed.
+        head_in_checkpoint = not _hook_managed(self.core.model.generation_head)
         length = tokens.shape[1]
         step = chunk_size if chunk_size > 0 else length
         logps, ents = [], []
         for s in range(0, length, step):
             sl = slice(s, s + step)
-            args = (h_cond[:, sl], None if h_unc is None else h_unc[:, sl], tokens[:, sl])
-            if chunk_size > 0 and torch.is_grad_enabled():
-                lp, ent = checkpoint(chunk_stats, *args, use_reentrant=False)
+            hc, hu, tok = h_cond[:, sl], None if h_unc is None else h_unc[:, sl], tokens[:, sl]
+            if chunk_size > 0 and torch.is_grad_enabled() and head_in_checkpoint:
+                lp, ent = checkpoint(chunk_stats, hc, hu, tok, use_reentrant=False)
+            elif chunk_size > 0 and torch.is_grad_enabled():
+                lp, ent = checkpoint(logit_stats, self._head(hc), self._uncond_head(hu), tok,
+                                     use_reentrant=False)
             else:
-                lp, ent = chunk_stats(*args)
+                lp, ent = chunk_stats(hc, hu, tok)
             logps.append(lp)
             ents.append(ent)
         return TokenStats(logprobs=torch.cat(logps, 1), entropy=torch.cat(ents, 1))  # [N, L] x2
@@ -255,7 +261,8 @@ class JanusPolicy(nn.Module):
     # ---- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, inputs: PromptInputs, params: SamplingParams,
-               generator: torch.Generator | None = None) -> SampleOutput:
+               generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None) -> SampleOutput:
         """CFG sampling with a DynamicCache; one image per row of ``inputs``.
 
         Same layout as ``generate(generation_mode="image")``: [cond rows ; uncond rows] in one batch,
@@ -265,11 +272,10 @@ class JanusPolicy(nn.Module):
         if params.logprob_mode not in LOGPROB_MODES:
             raise UserError(f"sampling.logprob_mode: expected one of {LOGPROB_MODES}, "
                             f"got {params.logprob_mode!r}")
-        with gathered(self.core):
-            return self._sample(inputs, params, generator)
+        return self._sample(inputs, params, generator, noise)
 
     def _sample(self, inputs: PromptInputs, params: SamplingParams,
-                generator: torch.Generator | None) -> SampleOutput:
+                generator: torch.Generator | None, noise: torch.Tensor | None) -> SampleOutput:
         from transformers import DynamicCache
 
         n, length = len(inputs), self.num_image_tokens
@@ -292,7 +298,7 @@ class JanusPolicy(nn.Module):
             mix = cond if unc is None else unc + params.cfg_scale * (cond - unc)  # [N, V]
             beh = truncate_logits(mix / params.temperature, params.top_k, params.top_p)
             probs = torch.softmax(beh, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
+            nxt = draw(probs, generator, None if noise is None else noise[:, i])  # [N]
             tokens[:, i] = nxt
             behaviour[:, i] = torch.log_softmax(beh, -1).gather(-1, nxt[:, None]).squeeze(-1)
             s_logits = scored_logits(cond, unc, params.logprob_mode, params.cfg_scale,
@@ -307,9 +313,8 @@ class JanusPolicy(nn.Module):
     @torch.no_grad()
     def code_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
         """[N, L] ids -> [N, L, D] fp32 L2-normalised VQ codebook vectors (method.md §3)."""
-        embedding = self.core.model.vqmodel.quantize.embedding
-        with gathered(embedding):
-            codes = embedding.weight[tokens]  # [N, L, D], codebook [V, D]
+        codebook = self.core.model.vqmodel.quantize.embedding.weight  # [V, D]
+        codes = codebook[tokens]  # [N, L, D]
         return F.normalize(codes.float(), dim=-1)
 
     @torch.no_grad()
@@ -318,8 +323,7 @@ class JanusPolicy(nn.Module):
 
         (platform.md: ``processor.postprocess`` fails on HWC pixels, so convert ourselves.)
         """
-        with gathered(self.core.model.vqmodel):
-            pixels = self.core.decode_image_tokens(tokens)  # [N, px, px, 3] about [-1, 1]
+        pixels = self.core.decode_image_tokens(tokens)  # [N, px, px, 3] about [-1, 1]
         u8 = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
         return [Image.fromarray(a, mode="RGB") for a in u8]
 
