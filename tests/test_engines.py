@@ -207,3 +207,38 @@ def test_sampling_gathers_weights_per_rollout_not_per_token(engine, janus_dir, t
     if "per_token" in c:  # ZeRO-3 without it: at least one gather per token
         assert c["per_token"] >= c["tokens"], c
     assert counts[0]["per_rollout"] == counts[1]["per_rollout"]
+
+
+LAUNCH_ENV = {  # what `accelerate launch` writes into the environment for each launch file
+    "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+    "fsdp": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+}
+
+
+@pytest.mark.parametrize("launch, env, overrides, phrase", [
+    ("zero3", {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"}, [], "optim.grad_accum=1"),
+    ("zero3", {"ACCELERATE_GRADIENT_CLIPPING": "0.5"}, [], "optim.grad_clip=1.0"),
+    ("zero3", {"ACCELERATE_MIXED_PRECISION": "bf16"}, [], "run.mixed_precision=no"),
+    ("zero3", {}, ["model.lora=true"], "model.lora"),
+    ("fsdp", {"FSDP_VERSION": "1"}, [], "fsdp_version: 1"),
+    ("fsdp", {"FSDP_OFFLOAD_PARAMS": "true"}, [], "fsdp_offload_params"),
+    ("fsdp", {}, ["model.kind=tiny", "model.path=builtin:shapes"], "model.kind=tiny"),
+    (None, {}, ["model.path=NOT_JANUS"], "not a Janus checkpoint"),
+])
+def test_launch_that_contradicts_the_recipe_is_one_line_before_weights(
+        launch, env, overrides, phrase, janus_dir, tmp_path):
+    if "model.path=NOT_JANUS" in overrides:  # a model folder of another kind
+        other = tmp_path / "other_model"
+        other.mkdir()
+        (other / "config.json").write_text('{"model_type": "llama"}')
+        overrides = [f"model.path={other}"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **LAUNCH_ENV.get(launch, {}), **env}
+    cmd = [sys.executable, "-m", "stagerl", "train", str(ROOT / "configs" / "janus_tiny_test.yaml"),
+           f"model.path={janus_dir}", "model.tiny_random=false", f"run.out_dir={tmp_path / 'runs'}",
+           *overrides]
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("stagerl: error:"), proc.stderr
+    assert phrase in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()  # no litter

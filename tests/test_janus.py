@@ -249,6 +249,26 @@ def test_janus_pro_recipes_match_the_paper(size: str, run: str) -> None:
     # one prompt per GPU on 8 GPUs (x2 prompts for the accumulated run, split in 2 micro-batches)
     assert cfg.sampling.prompts_per_step == 8 * accum and cfg.optim.grad_accum == accum
     assert cfg.algo.reweight and cfg.algo.kl_reweight
+    assert cfg.algo.loss_agg == "group_weighted_mean"  # per-group Σw, the authors' per-GPU loss
+    assert cfg.model.prompt_template == "User: {prompt}\n\nAssistant:"  # their template
+    # The HPS+GIT+GroundingDINO run: a plain sum of its rewards (no tied-column drop), on the
+    # T2I-R1 prompts with their metadata, scored as the authors' reward code does.
+    hps = run == "hps_git_gdino"
+    assert cfg.reward.drop_tied_columns is not hps
+    if hps:
+        assert cfg.data.source == "t2i-r1"
+        assert cfg.reward.kwargs["git_vqa"]["scoring"] == "parity"
+        assert cfg.reward.kwargs["grounding_dino"]["scoring"] == "parity"
+
+
+def test_recipe_template_reaches_the_prompt(tmp_path) -> None:
+    from stagerl.policies.janus import JanusPolicy
+    from stagerl.policies.janus_tiny import build_tiny_janus
+
+    model, processor = build_tiny_janus()
+    policy = JanusPolicy(model, processor, "User: {prompt}\n\nAssistant:")
+    row = policy.encode_prompts(["a red circle"]).cond_ids[0].tolist()
+    assert policy.tokenizer.decode(row[1:-1]) == "User: a red circle\n\nAssistant:"
 
 
 def test_accelerate_launch_files_parse() -> None:

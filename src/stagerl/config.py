@@ -46,6 +46,10 @@ class ModelConfig:
                    "'builtin:shapes' is the shipped shapes-world model under assets/shapes.")
     tiny_random: bool = _f(False, "Janus only: build a tiny randomly initialised Janus from a config "
                            "instead of loading `path` (for offline tests and smoke runs).")
+    prompt_template: str = _f("", "Janus only: how a prompt becomes the model's text input; must "
+                              "contain {prompt}. Empty = DeepSeek's chat template for Janus-Pro "
+                              "('<|User|>: {prompt}\\n\\n<|Assistant|>:'). The paper's recipes use "
+                              "the authors' 'User: {prompt}\\n\\nAssistant:' (docs/janus.md).")
     dtype: str = _f("float32", "Parameter dtype: float32, bfloat16 or float16.",
                     choices=("float32", "bfloat16", "float16"))
     train_modules: list[str] = _f(["language_model"], "Janus only: submodule name patterns that "
@@ -472,6 +476,15 @@ def _check_rules(cfg: Config) -> None:
         raise FieldError(which, "keeps only the most likely token, so every sample of a group is "
                          "the same and nothing can be learned; use top_p in (0, 1] and top_k 0 "
                          "or >= 2")
+    template = cfg.model.prompt_template
+    if template:
+        try:
+            ok = "{prompt}" in template and template.format(prompt="x") is not None
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            raise FieldError("model.prompt_template", f"expected a template with {{prompt}} and "
+                             f"no other {{...}} fields, got {template!r}")
     if not 0 <= cfg.run.seed < 2 ** 63:
         raise FieldError("run.seed", f"expected a value in [0, 2**63), got {cfg.run.seed}")
     from stagerl.eval import suite_names

@@ -224,7 +224,14 @@ def check_data_source(source: str, seed: int, shuffle: bool) -> None:
 
 
 def check_model_path(model_cfg: Any, what: str = "model.path") -> None:
-    """A tiny-policy checkpoint must be an existing folder (Janus may name a hub id)."""
+    """A tiny-policy checkpoint must be an existing folder; a local Janus folder must hold a Janus
+    checkpoint (a hub id is checked when it loads)."""
+    if getattr(model_cfg, "kind", "tiny") == "janus":
+        if not getattr(model_cfg, "tiny_random", False):
+            from stagerl.policies.janus import check_janus_checkpoint
+
+            check_janus_checkpoint(str(model_cfg.path), what)
+        return
     if getattr(model_cfg, "kind", "tiny") != "tiny":
         return
     from stagerl.policies.tiny import resolve_model_path

@@ -103,7 +103,9 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
         first = state.data_position + accelerator.process_index * prompts_local
         items = source.batch(first, prompts_local)
         t0 = time.perf_counter()
-        with distributed.sampling_weights(engine, model):  # gathered once per rollout
+        # Weights gathered once per rollout; sampling, the reference and teacher forcing all run
+        # under the same precision rule as the update (accelerate's autocast, a no-op in fp32).
+        with distributed.sampling_weights(engine, model), accelerator.autocast():
             ro = rollout(policy, reference, items, first, rewards, cfg,
                          seed=mix_seed(cfg.run.seed, step), train_forward=model)
         t1 = time.perf_counter()

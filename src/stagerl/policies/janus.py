@@ -374,12 +374,37 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
 
 
+def check_janus_checkpoint(path: str, what: str = "model.path") -> None:
+    """Refuse, before any weights load, a local folder that is not a Janus checkpoint (a LoRA
+    adapter folder of ours counts as one). Hub ids are checked by ``from_pretrained``."""
+    import json
+
+    from stagerl.policies import janus_lora
+
+    local = os.path.expanduser(path)
+    if not os.path.exists(local):
+        if _looks_local(path):
+            raise UserError(f"{what}: no such directory: {path}")
+        return
+    if janus_lora.is_adapter_dir(local):
+        return
+    config = os.path.join(local, "config.json")
+    if not os.path.isfile(config):
+        raise UserError(f"{what}: {path} is not a model folder (no config.json)")
+    try:
+        model_type = json.loads(open(config, encoding="utf-8").read()).get("model_type")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise UserError(f"{what}: {config} is not a readable JSON config") from None
+    if model_type != "janus":
+        raise UserError(f"{what}: {path} holds a {model_type!r} model, not a Janus checkpoint "
+                        f"(config.json model_type must be 'janus')")
+
+
 def load_janus(path: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     """``JanusForConditionalGeneration`` + processor from a local dir or hub id; UserError if not."""
     from transformers import AutoProcessor, AutoTokenizer, JanusForConditionalGeneration
 
-    if not os.path.exists(os.path.expanduser(path)) and _looks_local(path):
-        raise UserError(f"model.path: no such directory: {path}")
+    check_janus_checkpoint(path)
     path = os.path.expanduser(path)
     try:
         model = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype)
@@ -437,6 +462,7 @@ def build_janus(model_cfg: Any, need_reference: bool) -> PolicyPair:
     if model_cfg.dtype not in _DTYPES:
         raise UserError(f"model.dtype: expected one of {', '.join(_DTYPES)}, got {model_cfg.dtype!r}")
     model, processor, base = _base_model(model_cfg, _DTYPES[model_cfg.dtype])
+    template = model_cfg.prompt_template or JANUS_PRO_TEMPLATE
     if model_cfg.dtype != "float32" and not model_cfg.lora \
             and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
         # DeepSpeed keeps fp32 master weights for bf16 params; plain AdamW on bf16 params does not,
@@ -449,13 +475,13 @@ def build_janus(model_cfg: Any, need_reference: bool) -> PolicyPair:
     if model_cfg.lora:
         if not hasattr(model, "disable_adapter"):
             model = janus_lora.add_lora(model, model_cfg)
-        policy = JanusPolicy(model, processor, lora_base=base)
+        policy = JanusPolicy(model, processor, template, lora_base=base)
         reference = JanusReferenceView(policy) if need_reference else None
     else:
         if hasattr(model, "merge_and_unload"):  # an adapter checkpoint, trained further in full
             model = model.merge_and_unload()
         set_trainable(model, list(model_cfg.train_modules))
-        policy = JanusPolicy(model, processor)
+        policy = JanusPolicy(model, processor, template)
         reference = None
         if need_reference:
             import copy
