@@ -8,7 +8,7 @@ run (variants interleaved in every repeat, median reported):
 (a) vanilla GRPO loss computation, forward only: log-softmax over the [G, L, V] logits, gather of
     ℓ, per-token entropy H (logged by every trainer), combined rewards, advantages, policy loss
     and k3 KL;
-(b) the same plus STAGE's extras: entropy reward (§2), similarity c̄ (§3), token weights w, KL
+(b) the same plus STAGE's extras: entropy reward (docs/algorithm.md §3), similarity c̄ (§4), token weights w, KL
     weights m, the weighted losses. H̄^ref is an input, like ℓ^ref: both come from the reference
     forward at rollout time. The extra cost of H^ref there (one exp·mul·sum over the reference
     log-softmax, which ℓ^ref needs anyway) is timed as its own row, for the record.

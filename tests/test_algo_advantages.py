@@ -1,4 +1,4 @@
-"""R_i, the tied-column drop and A_i (method.md §1): hand-worked numbers, loop references, properties."""
+"""R_i, the tied-column drop and A_i (docs/algorithm.md §2): hand-worked numbers, loop references, properties."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Entropy reward e_i, λ and the max_only / all / off modes (method.md §2)."""
+"""Entropy reward e_i, λ and the max_only / all / off modes (docs/algorithm.md §3)."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_off_and_bad_mode():
 
 
 def test_tied_group_bonus_becomes_full_size_advantage():
-    # method.md §2.6: in a fully tied group the tiny bonus, once normalised, is a full advantage.
+    # docs/algorithm.md §3: in a fully tied group the tiny bonus, once normalised, is a full advantage.
     rewards, ent, ref, index = two_interleaved_groups()
     new, _ = entropy_reward(rewards, ent, ref, index)
     adv = group_advantages(new, index)
@@ -73,7 +73,7 @@ def test_tied_group_bonus_becomes_full_size_advantage():
 
 
 def test_no_gradient_flows_through_rewards():
-    # The authors' bonus leaked gradient through the advantages; ours must not (method.md §1).
+    # The authors' bonus leaked gradient through the advantages; ours must not (docs/algorithm.md §2).
     rewards, ent, ref, index = two_interleaved_groups()
     ent = ent.clone().requires_grad_(True)
     ref = ref.clone().requires_grad_(True)

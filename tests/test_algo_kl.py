@@ -1,4 +1,4 @@
-"""KL_k1, KL_k2, KL_k3 (method.md §4; Schulman, "Approximating KL Divergence")."""
+"""KL_k1, KL_k2, KL_k3 (docs/algorithm.md §6; Schulman, "Approximating KL Divergence")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ρ, clipping, the loss aggregations, the KL term and their sum (method.md §3.5, §4)."""
+"""ρ, clipping, the loss aggregations, the KL term and their sum (docs/algorithm.md §5, §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ablation presets against the rows of method.md §5 (the paper's Table 4)."""
+"""The ablation presets against the rows of docs/algorithm.md §7 (the paper's Table 4)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 
 from stagerl.algo import PRESETS, get_preset
 
-# method.md §5, transcribed: reweight, KL reweight, entropy reward, KL term on/off.
-# KL reweight is "–" (None here) where there is no KL term; β = 0.03 is the GenEval run's (§6).
+# docs/algorithm.md §7, transcribed: reweight, KL reweight, entropy reward, KL term on/off.
+# KL reweight is "–" (None here) where there is no KL term; β = 0.03 is the GenEval run's (docs/algorithm.md §8).
 TABLE = {
     "vanilla_grpo": (False, False, "off", True),
     "plus_ent": (False, False, "max_only", True),

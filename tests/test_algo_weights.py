@@ -1,4 +1,4 @@
-"""s_ij, P_i, c̄, w and m (method.md §3, §4): hand-worked cases, the authors' parity behaviour, the
+"""s_ij, P_i, c̄, w and m (docs/algorithm.md §4, §4): hand-worked cases, the authors' parity behaviour, the
 batched einsum against a plain per-pair loop, and properties."""
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def test_all_tied_group_parity_vs_fixed_and_tied_rule():
     torch.testing.assert_close(parity, torch.tensor([[0.2], [1.4 / 3], [0.8 / 3]]))
     fixed = mean_opposite_similarity(emb, adv, index, "fixed")
     assert (fixed == 0).all()
-    # Tied-group rule (§3.6): entropy reward off -> c̄ = 1 -> w = 0 and m = 1, whatever c̄ was.
+    # Tied-group rule (docs/algorithm.md §4.6): entropy reward off -> c̄ = 1 -> w = 0 and m = 1, whatever c̄ was.
     tied = torch.tensor([True, True, True])
     for c_bar in (parity, fixed):
         assert (token_weights(c_bar, tied, entropy_reward_on=False) == 0).all()

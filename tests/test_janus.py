@@ -1,4 +1,4 @@
-"""Janus policy adapter on a tiny random Janus (issue 5): offline, CPU, fp32."""
+"""Janus policy adapter on a tiny random Janus: offline, CPU, fp32."""
 
 from __future__ import annotations
 
@@ -221,7 +221,7 @@ def test_unloadable_directory_is_a_user_error(tmp_path) -> None:
         build_policy(ModelConfig(kind="janus", path=str(tmp_path)), need_reference=False)
 
 
-# ---- recipes (method.md §6) ------------------------------------------------------------------------
+# ---- recipes (docs/algorithm.md §8) ------------------------------------------------------------------------
 from pathlib import Path  # noqa: E402
 
 from stagerl.config import load_config  # noqa: E402

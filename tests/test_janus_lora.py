@@ -1,4 +1,4 @@
-"""LoRA on the tiny random Janus (issue 5, item 3): reference = adapter disabled, adapters saved,
+"""LoRA on the tiny random Janus: reference = adapter disabled, adapters saved,
 merge writes a full model that plain transformers loads."""
 
 from __future__ import annotations

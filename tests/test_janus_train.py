@@ -1,4 +1,4 @@
-"""The Janus path through the real trainer (issue 5, "Done when"): configs/janus_tiny_test.yaml on a
+"""The Janus path through the real trainer: configs/janus_tiny_test.yaml on a
 tiny random Janus, in-process (full fine-tuning and LoRA) and as a 2-process gloo DDP run.
 
 The shipped config scores with the exact shapes reward, which a random model almost never earns

@@ -1,5 +1,5 @@
 """Reward plumbing shared by the learned scorers: registry, kwargs from config, missing extras,
-per-image failure isolation (issue 6, item 1)."""
+per-image failure isolation."""
 
 import logging
 

@@ -1,4 +1,4 @@
-"""OCR reward: real rapidocr on text rendered with Pillow (issue 6, item 3)."""
+"""OCR reward: real rapidocr on text rendered with Pillow."""
 
 import pytest
 from PIL import Image, ImageDraw, ImageFont

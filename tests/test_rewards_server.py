@@ -1,4 +1,4 @@
-"""Reward server + remote client on loopback (issue 6, item 5): real HTTP, cheap test rewards."""
+"""Reward server + remote client on loopback: real HTTP, cheap test rewards."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Builders of tiny random-initialised reward models, saved to disk so the real
-``from_pretrained(<local dir>)`` loading path runs offline (issue 6, item 4).
+``from_pretrained(<local dir>)`` loading path runs offline.
 
 Imported by the other ``test_rewards_*`` files; the tests here check the builders themselves.
 """

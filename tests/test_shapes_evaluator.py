@@ -1,4 +1,4 @@
-"""The exact shapes-world evaluator and the shapes_* rewards (issue 3, deliver 2)."""
+"""The exact shapes-world evaluator and the shapes_* rewards."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shapes world: spec validation, rendering, and the seeded prompt generator's splits (issue 3)."""
+"""Shapes world: spec validation, rendering, and the seeded prompt generator's splits."""
 
 from __future__ import annotations
 

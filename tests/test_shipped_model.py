@@ -1,4 +1,4 @@
-"""The shipped shapes-world model and the recipe that made it (issue 3, deliverables 5 and 6)."""
+"""The shipped shapes-world model and the recipe that made it."""
 
 from __future__ import annotations
 

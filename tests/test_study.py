@@ -1,4 +1,4 @@
-"""Quality/drift measures (issue 7 §2) and the study at toy size (issue 7 §3): every row and seed
+"""Quality/drift measures and the study at toy size: every row and seed
 trained and evaluated, results.md + plots + grid written, reruns reuse everything, runs do not
 depend on each other's order."""
 

@@ -1,4 +1,4 @@
-"""The tiny policy behind the Policy protocol (issue 3, deliverable 4)."""
+"""The tiny policy behind the Policy protocol."""
 
 from __future__ import annotations
 

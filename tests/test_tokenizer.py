@@ -1,4 +1,4 @@
-"""The patch-codebook VQ tokenizer (issue 3, deliverables 2 and 3)."""
+"""The patch-codebook VQ tokenizer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Atomic checkpoints and exact resume (issue 4, deliver 4).
+"""Atomic checkpoints and exact resume.
 
 Run directories (``run.out_dir / run.name``) hold one run each: :func:`resolve_run_dir` refuses a
 second run into a folder that holds one, unless it resumes.

@@ -96,7 +96,7 @@ class RewardConfig:
     weights: list[float] = _f([], "Weights w_k, one per name; empty = all 1 (the paper).")
     kwargs: dict[str, Any] = _f({}, "Per-reward keyword arguments: {reward_name: {arg: value}}.")
     drop_tied_columns: bool = _f(True, "Drop a reward column whose values are identical within a "
-                                 "group before summing (authors' mask_pos_neg, method.md §1).")
+                                 "group before summing (authors' mask_pos_neg, docs/algorithm.md §2).")
     tied_std: float = _f(1e-6, "A column counts as tied within a group when its std <= this.", min=0.0)
     on_invalid: str = _f("skip_group", "What to do with an image a reward could not score: "
                          "'skip_group' (its group gets no gradient) or 'zero' (score it 0).",
@@ -105,16 +105,16 @@ class RewardConfig:
 
 @dataclass
 class AlgoConfig:
-    preset: Optional[str] = _f("stage", "Ablation row of the paper's Table 4 (method.md §5): "
+    preset: Optional[str] = _f("stage", "Ablation row of the paper's Table 4 (docs/algorithm.md §7): "
                                "vanilla_grpo, plus_ent, stage, wo_kl, wo_ent_kl, or null to set "
                                "every switch by hand. Explicit fields override the preset.")
     partner_set: str = _f("fixed", "Partner set P_i of the similarity reweighting "
                           "(docs/algorithm.md §4.2): 'fixed' = the opposite-sign members; 'parity' "
                           "= the authors' code (zero-advantage members count, and i itself when "
                           "A_i = 0).", choices=PARTNER_SETS)
-    adv_eps: float = _f(1e-4, "epsilon in A = (R - mean) / (std + eps) (method.md §1).", min=0.0)
-    reweight: bool = _f(True, "Similarity-aware token weights w (method.md §3); off means w = 1.")
-    kl_reweight: bool = _f(True, "KL token weights m from c-bar (method.md §4); off means m = 1.")
+    adv_eps: float = _f(1e-4, "epsilon in A = (R - mean) / (std + eps) (docs/algorithm.md §2).", min=0.0)
+    reweight: bool = _f(True, "Similarity-aware token weights w (docs/algorithm.md §4); off means w = 1.")
+    kl_reweight: bool = _f(True, "KL token weights m from c-bar (docs/algorithm.md §6); off means m = 1.")
     entropy_reward: str = _f("max_only", "Entropy reward mode (docs/algorithm.md §3): off, "
                              "max_only (the paper) or all.", choices=ENTROPY_MODES)
     entropy_coef: float = _f(0.4, "lambda, the entropy-reward coefficient.", min=0.0)
@@ -517,7 +517,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def needs_reference(cfg: Config) -> bool:
-    """A reference policy is needed for the KL term or the entropy reward (issue 4)."""
+    """A reference policy is needed for the KL term or the entropy reward."""
     return cfg.algo.beta > 0 or cfg.algo.entropy_reward != "off"
 
 

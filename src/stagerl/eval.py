@@ -1,5 +1,5 @@
 """Evaluation harness: generate N images per prompt with fixed seeds, write GenEval's folder layout,
-score, and save per-category tables (issue 7 §1).
+score, and save per-category tables.
 
 Entry points:
 - :func:`evaluate_shapes` -- a shapes-world suite, scored by the exact evaluator (strict, lenient,

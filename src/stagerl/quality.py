@@ -1,5 +1,4 @@
-"""Quality and drift measures on the shapes world that the training reward does not see
-(issue 7 §2).
+"""Quality and drift measures on the shapes world that the training reward does not see.
 
 The strict reward is one bit per image. These measures look at *how* an image is made and at how
 far the policy has moved, so they can show drift that a rising reward hides:
@@ -16,7 +15,7 @@ far the policy has moved, so they can show drift that a rising reward hides:
   generated images and that of the pretraining data (tokenizer-encoded ground-truth renders of the
   "train" split), plus the fraction of the codebook used. A finite sample has a JSD above 0 even
   from the same distribution; :func:`pretraining_code_histogram` also gives that floor.
-- **KL to the base model**: per-token k3 (Schulman's estimator, method.md §4) of the policy's own
+- **KL to the base model**: per-token k3 (Schulman's estimator, docs/algorithm.md §6) of the policy's own
   samples, teacher-forced under the policy and the frozen base model (conditional logits, the
   distribution the training KL uses), plus both models' mean entropies on those samples.
 

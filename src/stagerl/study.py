@@ -1,15 +1,24 @@
-"""``stagerl study``: the STAGE-vs-GRPO reproduction study on the shapes world (issue 7 §3).
+"""``stagerl study``: the STAGE-vs-GRPO reproduction study on the shapes world (docs/study.md).
 
-The five rows of the paper's Table 4 (method.md §5; configs/ablations/*.yaml) are trained at an
-equal sample budget (same steps, prompts per step P and group size G) with >= 3 seeds each, then
+The five rows of the paper's Table 4 (docs/algorithm.md §7; configs/ablations/*.yaml) are trained at
+an equal sample budget (same steps, prompts per step P and group size G) with >= 3 seeds each, then
 every run and the base model are evaluated on every shapes suite (in-distribution "test", held-out
 "compositions", held-out "phrasings") and on the quality/drift measures of :mod:`stagerl.quality`.
+Two extensions make the comparison a matched one (docs/study.md, "Settings and the LR sweep"):
+
+- **conditions** retrain the compared rows (vanilla GRPO, +Ent, STAGE) in another setting, e.g.
+  ``lenient``: trained on a reward the shapes world can game, evaluated with the strict rule;
+- **the learning-rate sweep** retrains the compared rows at multiples of the learning rate, in the
+  main setting and/or in conditions; every run's in-training evaluations (held-out strict score) and
+  its training KL to the base give the reward-KL frontier of :mod:`stagerl.study_report`.
+
 :mod:`stagerl.study_report` turns the summary into docs/results.md, plots and an image grid.
 
-Runs are independent: each is a pure function of (row, seed, condition, plan), written to its own
-folder ``OUT/runs/<row>[-<condition>]-s<seed>``. A run whose folder holds a finished model with the
-same resolved config is reused, and cached evaluations (GenEval layout + ``study_eval.json``) are
-reused too, so a rerun after an interruption only does what is missing, in any order.
+Runs are independent: each is a pure function of (row, seed, condition, lr multiple, plan), written
+to its own folder ``OUT/runs/<row>[-<condition>][-lr<m>]-s<seed>``. A run whose folder holds a
+finished model with the same resolved config is reused, and cached evaluations (GenEval layout +
+``study_eval.json``) are reused too, so a rerun after an interruption only does what is missing, in
+any order, in any number of processes (``--jobs``) or separate invocations (``--shard``).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,20 +46,35 @@ from stagerl.trainer import train
 log = logging.getLogger(__name__)
 
 ROWS = ("vanilla_grpo", "plus_ent", "stage", "wo_kl", "wo_ent_kl")
+# The rows every condition and the learning-rate sweep retrain: the three methods whose matched
+# comparison docs/study.md asks for.
+COMPARE_ROWS = ("vanilla_grpo", "plus_ent", "stage")
 EVAL_SEED = 1234  # prompts and sampling seed of every evaluation (same images for every model)
-# Conditions probe *when* a STAGE-vs-GRPO difference appears (issue 7 §4). Each is applied to the
-# two rows being compared; "steps_mult"/"lr_mult" scale the plan's values, "set" adds overrides.
+# A condition retrains the compared rows in another setting (docs/study.md, "Conditions"):
+# "steps_mult" scales the plan's steps, "set" adds overrides, "rows" narrows the rows (a condition
+# that cannot change a row is not retrained for it; the report then uses the main run).
 CONDITIONS: dict[str, dict[str, Any]] = {
+    # The drift setting: GenEval's rules alone reward an image with unrequested objects and
+    # fragments, as the paper's detector reward does; evaluation stays strict.
+    "lenient": {"set": ["reward.names=[shapes_lenient]"],
+                "help": "trained on the lenient GenEval rule (extra objects and fragments pass)"},
+    "partial": {"set": ["reward.names=[shapes_partial]"],
+                "help": "trained on GenEval's partial credit"},
     "long": {"steps_mult": 3, "help": "3x the training steps (and samples)"},
-    "lr_x4": {"lr_mult": 4.0, "help": "4x the learning rate"},
-    "no_kl": {"set": ["algo.beta=0"], "help": "no KL term (beta = 0) in both rows"},
-    # STAGE's weighted token mean divides by Σw, which is small when most tokens (the background)
-    # look alike across the group, so its effective step on the weighted tokens is ~1/mean(w)
-    # times vanilla's. This condition normalises by the token count instead (w still weights).
-    "token_mean": {"set": ["algo.loss_agg=token_mean"],
-                   "help": "plain token-mean aggregation (divide by #tokens, not by Σw)"},
+    "no_kl": {"set": ["algo.beta=0"], "help": "no KL term (beta = 0)"},
+    # docs/algorithm.md §5: with w = 1 (vanilla GRPO, +Ent) every aggregation below is the plain
+    # token mean, so only STAGE changes. token_norm divides STAGE's policy term by the token count
+    # instead of each group's Σw: β then weighs against the policy term as in vanilla GRPO.
+    # batch_norm is the previous default, one Σw over the whole batch.
+    "token_norm": {"set": ["algo.loss_agg=token_mean"], "rows": ["stage"],
+                   "help": "STAGE's policy term divided by the token count, not per-group Σw"},
+    "batch_norm": {"set": ["algo.loss_agg=batch_weighted_mean"], "rows": ["stage"],
+                   "help": "STAGE's policy term divided by one Σw over the whole batch"},
 }
-CONDITION_ROWS = ("vanilla_grpo", "stage")
+MAIN = "main"  # the name of the main setting in --sweep-in
+# In-training KL at an evaluation step: the mean of the logged training KL (k3 to the reference =
+# the base model) over this many logged steps around it (docs/study.md, "The reward-KL frontier").
+KL_WINDOW = 2
 
 
 @dataclass
@@ -59,15 +84,17 @@ class StudyPlan:
     rows: list[str] = field(default_factory=lambda: list(ROWS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     # Training steps of every run; 0 = the config's run.steps. The full study uses 100 steps of the
-    # main job's P=8 x G=8 (half its 200 steps): 15 runs of 200 steps take ~60-70 min of training
-    # alone on 2 cores, over issue 7's 60-minute budget for the whole study.
+    # main job's P=8 x G=8 (half its 200 steps) so that 15 runs and their evaluations fit the
+    # 60-minute budget on 2 cores (docs/study.md).
     steps: int = 100
     overrides: list[str] = field(default_factory=list)  # applied to every run
     model: str = "builtin:shapes"
     config_dir: str = "configs/ablations"
     eval_prompts: int = 96  # per suite; a multiple of 12 keeps the tags balanced in every suite
     eval_images: int = 4
-    curve_suite: str = "compositions"  # the held-out suite evaluated during training
+    # The held-out suite evaluated during training (the frontier's y axis). "phrasings" measures
+    # all six tags; on "compositions" colors and color_attr are 0 for every model (docs/study.md).
+    curve_suite: str = "phrasings"
     curve_points: int = 4  # in-run evaluations (plus before and after)
     curve_prompts: int = 48
     curve_images: int = 2
@@ -76,6 +103,10 @@ class StudyPlan:
     grid_images: int = 3
     conditions: list[str] = field(default_factory=list)
     condition_seeds: int = 3
+    compare_rows: list[str] = field(default_factory=lambda: list(COMPARE_ROWS))
+    lr_sweep: list[float] = field(default_factory=list)  # lr multiples besides 1
+    sweep_in: list[str] = field(default_factory=lambda: [MAIN])  # settings the sweep runs in
+    sweep_seeds: int = 3
 
     @classmethod
     def quick(cls) -> "StudyPlan":
@@ -84,16 +115,32 @@ class StudyPlan:
                    eval_images=2, curve_points=2, curve_prompts=24, quality_ref_examples=1000)
 
 
+@dataclass(frozen=True)
+class Job:
+    """One run of the study: a row in a setting (condition or main) at a multiple of the lr."""
+
+    row: str
+    seed: int
+    condition: str | None = None
+    lr_mult: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return run_name(self.row, self.seed, self.condition, self.lr_mult)
+
+
 # --------------------------------------------------------------------------------------------------
 # Runs
 
 
-def run_name(row: str, seed: int, condition: str | None = None) -> str:
-    return f"{row}-{condition}-s{seed}" if condition else f"{row}-s{seed}"
+def run_name(row: str, seed: int, condition: str | None = None, lr_mult: float = 1.0) -> str:
+    parts = [row] + ([condition] if condition else []) + \
+        ([f"lr{lr_mult:g}"] if lr_mult != 1.0 else [])
+    return "-".join(parts) + f"-s{seed}"
 
 
 def run_config(plan: StudyPlan, out: Path, row: str, seed: int,
-               condition: str | None = None) -> Config:
+               condition: str | None = None, lr_mult: float = 1.0) -> Config:
     """The resolved config of one run: the row's YAML + the study's bookkeeping + the plan."""
     path = Path(plan.config_dir) / f"{row}.yaml"
     if not path.is_file():
@@ -104,12 +151,12 @@ def run_config(plan: StudyPlan, out: Path, row: str, seed: int,
     if condition:
         cond = CONDITIONS[condition]
         steps *= int(cond.get("steps_mult", 1))
-        if "lr_mult" in cond:
-            extra.append(f"optim.lr={base.optim.lr * float(cond['lr_mult'])}")
         extra += list(cond.get("set", []))
+    if lr_mult != 1.0:
+        extra.append(f"optim.lr={base.optim.lr * lr_mult!r}")
     every = max(1, steps // max(1, plan.curve_points + 1)) if plan.curve_points else 0
     ov = [f"model.path={plan.model}", f"run.seed={seed}", f"run.steps={steps}",
-          f"run.out_dir={out / 'runs'}", f"run.name={run_name(row, seed, condition)}",
+          f"run.out_dir={out / 'runs'}", f"run.name={run_name(row, seed, condition, lr_mult)}",
           "run.resume=false", "run.save_every=0", "log.tensorboard=false", "log.wandb=false",
           "log.progress=false", "log.image_every=0", f"log.eval_suite={plan.curve_suite}",
           f"log.eval_prompts={plan.curve_prompts if plan.curve_points else 0}",
@@ -122,15 +169,38 @@ def _fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def _same_run(saved: dict[str, Any], cfg: Config) -> bool:
+    """Does a finished run's saved config describe ``cfg``? Every field both know must agree; a
+    field only one side knows (added to or removed from the config since) is ignored, because a
+    new field's default keeps the old behaviour (docs/study.md, "Reuse and order")."""
+    from omegaconf import OmegaConf
+
+    if "resolved" not in saved:
+        return saved.get("config") == _fingerprint(to_yaml(cfg))
+    old = _flat(saved["resolved"])
+    new = _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
+    return all(old[k] == new[k] for k in old.keys() & new.keys())
+
+
 def train_or_reuse(cfg: Config) -> tuple[Path, float, bool]:
-    """Train unless the run folder holds a finished run of this exact config.
+    """Train unless the run folder holds a finished run of this config.
     Returns (run_dir, training seconds, reused)."""
+    from omegaconf import OmegaConf
+
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     marker = run_dir / "study_train.json"
-    want = _fingerprint(to_yaml(cfg))
     if marker.is_file() and (run_dir / "final").is_dir():
         info = json.loads(marker.read_text())
-        if info.get("config") == want:
+        if _same_run(info, cfg):
             return run_dir, float(info["seconds"]), True
     if run_dir.exists():  # unfinished or from other settings: start clean (metrics append)
         shutil.rmtree(run_dir)
@@ -138,14 +208,41 @@ def train_or_reuse(cfg: Config) -> tuple[Path, float, bool]:
     # The study never resumes a run half-way; the accelerate checkpoint (optimizer state included)
     # would only take disk space next to final/.
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    marker.write_text(json.dumps({"config": want, "seconds": result.seconds,
-                                  "steps": result.steps, "skipped": result.skipped}) + "\n")
+    resolved = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))
+    marker.write_text(json.dumps({"config": _fingerprint(to_yaml(cfg)), "resolved": resolved,
+                                  "seconds": result.seconds, "steps": result.steps,
+                                  "skipped": result.skipped}) + "\n")
     return run_dir, result.seconds, False
 
 
 def _load(path: str | Path) -> Any:
     cfg = load_config(None, [f"model.path={path}"])
     return build_policy(cfg.model, need_reference=False).policy
+
+
+def run_curve(run_dir: str | Path, steps: int) -> list[dict[str, float]]:
+    """The run's in-training evaluations: [{step, heldout (strict overall), heldout_lenient, kl}].
+
+    ``kl`` is the training KL to the reference (the base model; logged per step for rows with a
+    reference, k3 per token on the rollout's samples): the policy evaluated after s updates sampled
+    the rollout logged at step s + 1, so the point takes the mean of the logged KL over steps
+    s + 1 - KL_WINDOW .. s + KL_WINDOW (those that exist); at step 0 the policy is the base: 0.
+    Rows without a reference log no KL: ``kl`` is NaN there."""
+    from stagerl.tracking import read_metrics
+
+    run_dir = Path(run_dir)
+    kl = {int(r["step"]): float(r["policy/kl_k3"]) for r in read_metrics(run_dir)
+          if r.get("policy/kl_k3") is not None}
+    points = []
+    for f in run_dir.glob("eval_*.json"):
+        tag = f.stem[len("eval_"):]
+        step = 0 if tag == "before" else steps if tag == "after" else int(tag[len("step"):])
+        res = json.loads(f.read_text())
+        near = [kl[t] for t in range(step + 1 - KL_WINDOW, step + KL_WINDOW + 1) if t in kl]
+        k = 0.0 if step == 0 else (sum(near) / len(near) if near else float("nan"))
+        points.append({"step": step, "heldout": float(res["strict"]["overall"]),
+                       "heldout_lenient": float(res["lenient"]["overall"]), "kl": k})
+    return sorted(points, key=lambda p: p["step"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,27 +285,56 @@ def evaluate_model(policy: Any, base: Any | None, out_dir: Path, plan: StudyPlan
 # The study
 
 
-def _run_row(plan: StudyPlan, out: Path, base: Any, row: str, seed: int,
-             condition: str | None) -> dict[str, Any]:
-    cfg = run_config(plan, out, row, seed, condition)
+def plan_jobs(plan: StudyPlan) -> list[Job]:
+    """Every run of the plan, each once: the rows, the conditions, then the sweep (in that order,
+    so an interrupted study has finished the rows first)."""
+    jobs = [Job(r, s) for r in plan.rows for s in plan.seeds]
+    for c in plan.conditions:
+        rows = [r for r in plan.compare_rows if r in CONDITIONS[c].get("rows", plan.compare_rows)]
+        jobs += [Job(r, s, c) for r in rows for s in plan.seeds[:plan.condition_seeds]]
+    for setting in plan.sweep_in:
+        cond = None if setting == MAIN else setting
+        if cond is not None and "rows" in CONDITIONS[cond]:
+            raise UserError(f"--sweep-in {cond}: this condition changes only "
+                            f"{', '.join(CONDITIONS[cond]['rows'])}; sweep in main instead")
+        for m in [1.0, *plan.lr_sweep]:
+            jobs += [Job(r, s, cond, m) for r in plan.compare_rows
+                     for s in plan.seeds[:plan.sweep_seeds]]
+    return list(dict.fromkeys(jobs))
+
+
+def _run_job(plan: StudyPlan, out: Path, base: Any, job: Job) -> dict[str, Any]:
+    cfg = run_config(plan, out, job.row, job.seed, job.condition, job.lr_mult)
     t0 = time.perf_counter()
     run_dir, seconds, reused = train_or_reuse(cfg)
     policy = _load(run_dir / "final")
     ev = evaluate_model(policy, base, run_dir, plan, cfg.sampling.cfg_scale)
     log.info("%s: trained in %.0f s%s, evaluated in %.0f s", run_dir.name, seconds,
              " (reused)" if reused else "", time.perf_counter() - t0 - (0 if reused else seconds))
-    return {"row": row, "seed": seed, "condition": condition, "run_dir": str(run_dir),
-            "train_seconds": seconds, "reused": reused, "eval": ev,
-            "steps": cfg.run.steps, "samples": cfg.run.steps * cfg.sampling.prompts_per_step
-            * cfg.sampling.group_size, "lr": cfg.optim.lr, "beta": cfg.algo.beta}
+    return {"row": job.row, "seed": job.seed, "condition": job.condition, "lr_mult": job.lr_mult,
+            "run_dir": str(run_dir), "train_seconds": seconds, "reused": reused, "eval": ev,
+            "curve": run_curve(run_dir, cfg.run.steps), "steps": cfg.run.steps,
+            "samples": cfg.run.steps * cfg.sampling.prompts_per_step * cfg.sampling.group_size,
+            "lr": cfg.optim.lr, "beta": cfg.algo.beta, "reward": list(cfg.reward.names)}
 
 
-def run_study(plan: StudyPlan, out: str | Path, progress: Any = None) -> dict[str, Any]:
-    """Train and evaluate every (row, seed) and condition run; returns (and saves) the summary."""
+def _worker(plan: StudyPlan, out: str, job: Job) -> dict[str, Any]:
+    """One job in a worker process of ``--jobs``: one thread, its own copy of the base model."""
+    torch.set_num_threads(1)
+    return _run_job(plan, Path(out), _load(plan.model), job)
+
+
+def run_study(plan: StudyPlan, out: str | Path, progress: Any = None, jobs: int = 1,
+              shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Train and evaluate every run of the plan; returns (and saves) the summary.
+
+    ``jobs`` > 1 runs that many runs at once in worker processes. ``shard`` = (i, n) does only
+    every n-th run starting at i and neither evaluates the base model nor writes summary.json: a
+    later invocation without ``shard`` reuses the runs and writes the summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    unknown = [r for r in plan.rows if r not in ROWS]
+    unknown = [r for r in plan.rows + plan.compare_rows if r not in ROWS]
     bad_cond = [c for c in plan.conditions if c not in CONDITIONS]
     if unknown or bad_cond:
         raise UserError(f"study: unknown rows {unknown} or conditions {bad_cond}; rows: "
@@ -218,29 +344,63 @@ def run_study(plan: StudyPlan, out: str | Path, progress: Any = None) -> dict[st
     first = run_config(plan, out, plan.rows[0], plan.seeds[0])
     if plan.steps == 0:
         plan.steps = first.run.steps  # record the default actually used
+    todo = plan_jobs(plan)
+    if shard is not None:
+        todo = todo[shard[0]::shard[1]]
     base = _load(plan.model)
-    base_eval = evaluate_model(base, base, out / "base", plan, first.sampling.cfg_scale)
-    jobs = [(r, s, None) for r in plan.rows for s in plan.seeds]
-    jobs += [(r, s, c) for c in plan.conditions for r in CONDITION_ROWS
-             for s in plan.seeds[:plan.condition_seeds]]
-    runs = []
-    for k, (row, seed, cond) in enumerate(jobs):
-        if progress:
-            progress(f"[{k + 1}/{len(jobs)}] {run_name(row, seed, cond)}")
-        runs.append(_run_row(plan, out, base, row, seed, cond))
+    base_eval = None if shard else evaluate_model(base, base, out / "base", plan,
+                                                   first.sampling.cfg_scale)
+    runs: list[dict[str, Any]] = []
+    if jobs <= 1:
+        for k, job in enumerate(todo):
+            if progress:
+                progress(f"[{k + 1}/{len(todo)}] {job.name}")
+            runs.append(_run_job(plan, out, base, job))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(_worker, plan, str(out), job) for job in todo]
+            for k, (job, fut) in enumerate(zip(todo, futures)):
+                runs.append(fut.result())
+                if progress:
+                    progress(f"[{k + 1}/{len(todo)}] {job.name} done")
     summary = {"plan": asdict(plan), "base": base_eval, "runs": runs,
                "config": {"P": first.sampling.prompts_per_step, "G": first.sampling.group_size,
                           "lr": first.optim.lr, "beta": first.algo.beta,
                           "cfg_scale": first.sampling.cfg_scale, "steps": plan.steps},
                "wall_seconds": time.perf_counter() - t_start,
                "train_seconds": sum(r["train_seconds"] for r in runs),
-               "reused_runs": sum(r["reused"] for r in runs)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+               "reused_runs": sum(r["reused"] for r in runs), "shard": shard}
+    if shard is None:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
 # --------------------------------------------------------------------------------------------------
 # CLI
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
+    if any(not (math.isfinite(v) and v > 0) for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(t) for t in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N, e.g. 0/2, got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"expected 0 <= I < N, got {text!r}")
+    return i, n
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -270,14 +430,34 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-images", type=int_arg(1), default=None,
                         help="images per prompt (default: 4; 2 with --quick)")
     parser.add_argument("--conditions", default="",
-                        help=f"comma list of extra conditions ({', '.join(CONDITIONS)}) or 'all'; "
-                             f"each trains {' and '.join(CONDITION_ROWS)} once more per seed "
-                             f"(default: none)")
+                        help=f"comma list of extra settings ({', '.join(CONDITIONS)}) or 'all'; "
+                             f"each retrains the --compare-rows once more per seed (default: none)")
     parser.add_argument("--condition-seeds", type=int_arg(1), default=None,
                         help="seeds per condition run, at most --seeds (default: --seeds)")
+    parser.add_argument("--compare-rows", default=",".join(COMPARE_ROWS),
+                        help="rows the conditions and the lr sweep retrain (default: "
+                             "%(default)s)")
+    parser.add_argument("--lr-sweep", type=_floats, default=None,
+                        help="comma list of learning-rate multiples besides 1, e.g. 0.5,2,4: "
+                             "each retrains the --compare-rows in every --sweep-in setting "
+                             "(default: none)")
+    parser.add_argument("--sweep-in", default=MAIN,
+                        help=f"comma list of settings the sweep runs in: '{MAIN}' and/or "
+                             f"conditions (default: %(default)s)")
+    parser.add_argument("--sweep-seeds", type=int_arg(1), default=None,
+                        help="seeds per sweep run, at most --seeds (default: --seeds)")
     parser.add_argument("--curve-points", type=int_arg(0), default=None,
                         help="held-out evaluations during training, 0 = none (default: 4; 2 with "
                              "--quick)")
+    parser.add_argument("--curve-prompts", type=int_arg(1), default=None,
+                        help="prompts of each in-training evaluation (default: 48; 24 with "
+                             "--quick)")
+    parser.add_argument("--jobs", type=int_arg(1), default=1,
+                        help="runs trained at once, one process and one thread each (default: "
+                             "%(default)s)")
+    parser.add_argument("--shard", type=_shard, default=None,
+                        help="I/N: do only every N-th run from the I-th, write no report; a later "
+                             "invocation without --shard reuses the runs (default: all runs)")
     parser.add_argument("--set", nargs="*", default=[],
                         help="config overrides for every run (default: none)")
 
@@ -287,6 +467,7 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
     plan = StudyPlan.quick() if args.quick else StudyPlan()
     plan.seeds = list(range(args.seeds))
     plan.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    plan.compare_rows = [r.strip() for r in args.compare_rows.split(",") if r.strip()]
     plan.model, plan.config_dir = args.model, args.configs
     plan.overrides = plan.overrides + list(args.set or [])
     if args.steps is not None:
@@ -297,10 +478,16 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
         plan.eval_images = args.eval_images
     if args.curve_points is not None:
         plan.curve_points = args.curve_points
-        plan.curve_prompts = min(plan.curve_prompts, plan.eval_prompts)
+    if args.curve_prompts is not None:
+        plan.curve_prompts = args.curve_prompts
+    plan.curve_prompts = min(plan.curve_prompts, plan.eval_prompts)
     conds = [c.strip() for c in args.conditions.split(",") if c.strip()]
     plan.conditions = list(CONDITIONS) if conds == ["all"] else conds
     plan.condition_seeds = args.condition_seeds or args.seeds
+    plan.lr_sweep = [m for m in (args.lr_sweep or []) if m != 1.0]
+    plan.sweep_in = [s.strip() for s in args.sweep_in.split(",") if s.strip()] \
+        if plan.lr_sweep else []
+    plan.sweep_seeds = args.sweep_seeds or args.seeds
     check_plan(plan, args)
     return plan
 
@@ -309,16 +496,22 @@ def check_plan(plan: StudyPlan, args: argparse.Namespace) -> None:
     """Rows, conditions, seeds, folders, the base model and the overrides, before any work."""
     from stagerl.preflight import check_model_path, check_output_dir
 
-    bad_rows = [r for r in plan.rows if r not in ROWS]
+    bad_rows = [r for r in plan.rows + plan.compare_rows if r not in ROWS]
     if bad_rows or not plan.rows:
-        raise UserError(f"--rows: unknown rows {bad_rows}; choose from {', '.join(ROWS)}")
+        raise UserError(f"--rows/--compare-rows: unknown rows {bad_rows}; choose from "
+                        f"{', '.join(ROWS)}")
     bad = [c for c in plan.conditions if c not in CONDITIONS]
     if bad:
         raise UserError(f"--conditions: unknown {bad}; choose from {', '.join(CONDITIONS)} or all")
-    if plan.condition_seeds > len(plan.seeds):
-        raise UserError(f"--condition-seeds {plan.condition_seeds}: at most --seeds "
-                        f"({len(plan.seeds)})")
-    missing = [r for r in plan.rows if not (Path(plan.config_dir) / f"{r}.yaml").is_file()]
+    bad = [s for s in plan.sweep_in if s != MAIN and s not in CONDITIONS]
+    if bad:
+        raise UserError(f"--sweep-in: unknown {bad}; choose from {MAIN}, {', '.join(CONDITIONS)}")
+    for what, n in (("--condition-seeds", plan.condition_seeds), ("--sweep-seeds",
+                                                                  plan.sweep_seeds)):
+        if n > len(plan.seeds):
+            raise UserError(f"{what} {n}: at most --seeds ({len(plan.seeds)})")
+    missing = [r for r in dict.fromkeys(plan.rows + plan.compare_rows)
+               if not (Path(plan.config_dir) / f"{r}.yaml").is_file()]
     if missing:
         raise UserError(f"--configs {plan.config_dir}: no {missing[0]}.yaml (one <row>.yaml per "
                         f"row is needed)")
@@ -328,6 +521,7 @@ def check_plan(plan: StudyPlan, args: argparse.Namespace) -> None:
     check_output_dir(args.docs, "--docs")
     check_model_path(load_config(None, [f"model.path={plan.model}"]).model, "--model")
     load_config(None, list(plan.overrides))  # --set: a bad override fails now, not in run 1
+    plan_jobs(plan)  # a sweep in a condition that cannot be swept fails now
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -335,11 +529,13 @@ def command_line(args: argparse.Namespace) -> str:
     defaults = vars(_defaults())
     parts = ["stagerl study"] + (["--quick"] if args.quick else []) + [f"--seeds {args.seeds}"]
     for key, value in vars(args).items():
-        if key in ("quick", "seeds", "fn", "_module", "command", "verbose") or key not in defaults:
+        if key in ("quick", "seeds", "fn", "_module", "command", "verbose", "jobs", "shard") \
+                or key not in defaults:
             continue
         if value != defaults[key] and value not in (None, [], ""):
             flag = "--" + key.replace("_", "-")
-            text = " ".join(value) if isinstance(value, list) else str(value)
+            text = " ".join(value) if key == "set" else \
+                ",".join(f"{v:g}" for v in value) if isinstance(value, list) else str(value)
             parts.append(f"{flag} {text}")
     return " ".join(parts)
 
@@ -352,13 +548,15 @@ def _defaults() -> argparse.Namespace:
 
 def run_from_args(args: argparse.Namespace,
                   progress: Callable[[str], None]) -> tuple[dict[str, Any], list[Path]]:
-    """Run the study from parsed CLI args and write the report; returns (summary, written paths).
-    ``stagerl study`` in cli.py reports progress and the result."""
+    """Run the study from parsed CLI args and write the report (not with ``--shard``); returns
+    (summary, written paths). ``stagerl study`` in cli.py reports progress and the result."""
     from stagerl.study_report import write_report
 
     plan = plan_from_args(args)
-    torch.set_num_threads(1)  # platform.md: one thread per process on the shared 2 cores
-    summary = run_study(plan, args.out, progress=progress)
+    torch.set_num_threads(1)  # one thread per process on the shared 2 cores
+    summary = run_study(plan, args.out, progress=progress, jobs=args.jobs, shard=args.shard)
+    if args.shard is not None:
+        return summary, []
     paths = write_report(summary, args.docs, args.out, command=command_line(args),
                          prefix=args.prefix)
     return summary, paths

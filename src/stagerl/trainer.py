@@ -1,7 +1,7 @@
 """STAGE GRPO training loop: rollout -> update, on accelerate. Reads top to bottom.
 
 One step = one rollout of P prompts x G samples (split across processes by whole groups), then
-``algo.updates_per_rollout`` optimisation passes over it. See docs/method.md sections cited inline.
+``algo.updates_per_rollout`` optimisation passes over it. See docs/algorithm.md sections cited inline.
 """
 
 from __future__ import annotations
@@ -155,10 +155,10 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
 
 def update(model: Any, ro: Rollout, optimizer: Any, scheduler: Any, accelerator: Any,
            cfg: Config, engine: str = "single") -> dict[str, float] | None:
-    """mu passes of (micro-batched) policy-gradient + KL steps on one rollout (method.md §3-§4).
+    """mu passes of (micro-batched) policy-gradient + KL steps on one rollout (docs/algorithm.md §4-§6).
 
     Returns metrics, or None when a non-finite reward/loss/gradient made the step a skip (no
-    parameter changes; issue 4). Every process reaches the same decision.
+    parameter changes). Every process reaches the same decision.
     """
     if not _all_finite(accelerator, ro.rewards, ro.reward_columns):
         log.warning("non-finite reward; step skipped")
@@ -199,7 +199,7 @@ def update(model: Any, ro: Rollout, optimizer: Any, scheduler: Any, accelerator:
 
 def micro_batch_loss(model: Any, ro: Rollout, idx: torch.Tensor, cfg: Config,
                      autocast: Any = contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, float]]:
-    """One micro-batch's exact share of the rollout's loss (docs/algorithm.md §5, §6).
+    """One micro-batch's exact share of the rollout's loss (docs/algorithm.md §7, §6).
 
     The aggregation's per-token coefficients and the KL's token count come from the whole rollout
     (``Scores.loss_coef``), so the micro-batch losses add up to the full-batch loss whatever

@@ -1,22 +1,24 @@
 """The STAGE algorithm (arXiv 2509.25027) as pure tensor functions (architecture.md, principle 1).
 
 No nn.Module, no config objects, no I/O: tensors and numbers in, tensors and metric dicts out.
-Where each symbol of shared docs/method.md lives:
+Where each symbol of docs/algorithm.md lives:
 
-| symbol                                   | function                                 |
-|------------------------------------------|------------------------------------------|
-| R_i = Σ_k w_k r_{k,i}, tied-column drop  | advantages.combine_rewards     (§1)      |
-| A_i = (R_i − mean_g R)/(std_g R + ε)     | advantages.group_advantages    (§1)      |
-| e_i, λ, max_only / all / off             | entropy.entropy_reward         (§2)      |
-| s_{ij,t}                                 | weights.pairwise_similarity    (§3.1)    |
-| P_i (fixed / parity), c̄_{i,t}            | weights.mean_opposite_similarity (§3.2-3)|
-| w_{i,t}, tied-group rule                 | weights.token_weights          (§3.4, 3.6)|
-| m_{i,t}                                  | weights.kl_weights             (§4)      |
-| KL_k1 / KL_k2 / KL_k3                    | kl.kl_divergence               (§4)      |
-| ρ, ε_low / ε_high, L_pg                  | losses.policy_loss             (§3.5)    |
-| β Σ m·KL / tokens                        | losses.kl_loss                 (§4)      |
-| L = L_pg + β·KL                          | losses.stage_loss                        |
-| Table 4 rows                             | presets.PRESETS                (§5)      |
+| symbol                                   | function                          | docs/algorithm.md |
+|------------------------------------------|-----------------------------------|------|
+| R_i = Σ_k w_k r_{k,i}, tied-column drop  | advantages.combine_rewards        | §2   |
+| A_i = (R_i − mean_g R)/(std_g R + ε)     | advantages.group_advantages       | §2   |
+| e_i, 1 − e_i, λ, max_only / all / off    | entropy.entropy_reward, entropy_gap | §3 |
+| s_{ij,t}                                 | weights.pairwise_similarity       | §4.1 |
+| P_i (fixed / parity), c̄_{i,t}            | weights.mean_opposite_similarity  | §4.2-§4.3 |
+| w_{i,t}, tied-group rule                 | weights.token_weights             | §4.4, §4.6 |
+| (w, m) as trained, reweighting off       | weights.loss_weights              | §4.4-§4.6 |
+| ρ, ε_low / ε_high, L_pg                  | losses.policy_loss                | §5   |
+| c_{i,t} of each aggregation              | losses.loss_coefficients          | §5   |
+| m_{i,t}                                  | weights.kl_weights                | §6   |
+| KL_k1 / KL_k2 / KL_k3                    | kl.kl_divergence                  | §6   |
+| β Σ m·KL / tokens                        | losses.kl_loss                    | §6   |
+| L = L_pg + β·KL                          | losses.stage_loss                 | §5, §6 |
+| Table 4 rows                             | presets.PRESETS                   | §7   |
 """
 
 from stagerl.algo.advantages import CombinedRewards, combine_rewards, group_advantages

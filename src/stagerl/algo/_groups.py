@@ -1,4 +1,4 @@
-"""Per-group reductions over an explicit group index (method.md §1: "use an explicit group index").
+"""Per-group reductions over an explicit group index (docs/algorithm.md §2: "use an explicit group index").
 
 The authors' code normalised over the whole per-GPU batch, which is only right with one prompt per
 GPU. Every group statistic here is computed per label of ``group_index`` instead, so a batch may hold
@@ -79,7 +79,7 @@ def to_grouped(x: Tensor, g: Groups) -> tuple[Tensor, Tensor]:
     """[N, ...] -> ([P, G, ...], order [N]); ``order`` sorts samples by group (stable).
 
     All groups must have the same size G (GRPO samples G images per prompt); the batched einsum of
-    method.md §3.7 needs a dense [P, G, ...] layout.
+    docs/algorithm.md §4.1 needs a dense [P, G, ...] layout.
     """
     sizes = g.counts.unique()
     if sizes.numel() != 1:

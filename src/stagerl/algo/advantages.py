@@ -1,11 +1,11 @@
-"""Combined rewards R_i and group-normalised advantages A_i (method.md §1).
+"""Combined rewards R_i and group-normalised advantages A_i (docs/algorithm.md §2).
 
 - R_i = Σ_k w_k · r_{k,i}, over the reward columns k kept for sample i's group;
 - a column whose values are identical within a group (std ≤ 1e-6) is dropped for that group before
   summing (the authors' ``mask_pos_neg`` in their GenEval/OCR runs);
 - A_i = (R_i − mean_g R) / (std_g R + ε), unbiased std, ε = 1e-4, per prompt group g.
 
-Rewards and advantages are constants: every output here is detached (method.md §1, last bullet).
+Rewards and advantages are constants: every output here is detached (docs/algorithm.md §2, last bullet).
 
 Shapes: N samples, K reward columns.
 """
@@ -31,7 +31,7 @@ class CombinedRewards:
 
 def combine_rewards(rewards: Tensor, group_index: Tensor, weights: Tensor | None = None,
                     drop_tied: bool = True, tied_std: float = 1e-6) -> CombinedRewards:
-    """R_i = Σ_k w_k r_{k,i} with tied columns dropped per group (method.md §1).
+    """R_i = Σ_k w_k r_{k,i} with tied columns dropped per group (docs/algorithm.md §2).
 
     Args:
         rewards: [N, K] reward columns r_{k,i} (a [N] tensor is read as K = 1).
@@ -39,7 +39,7 @@ def combine_rewards(rewards: Tensor, group_index: Tensor, weights: Tensor | None
         weights: [K] column weights w_k; None = all 1 (the authors' plain sum).
         drop_tied: drop a column for a group when its unbiased std within the group is
             ≤ ``tied_std``. With ``drop_tied=False`` nothing is dropped and ``group_tied`` is all
-            False: the tied-group rule of method.md §3.6 only exists together with the drop.
+            False: the tied-group rule of docs/algorithm.md §4.6 only exists together with the drop.
         tied_std: the tie threshold (authors: 1e-6).
 
     A single-member group has std 0, so its columns count as tied.
@@ -71,7 +71,7 @@ def combine_rewards(rewards: Tensor, group_index: Tensor, weights: Tensor | None
 
 
 def group_advantages(rewards: Tensor, group_index: Tensor, eps: float = 1e-4) -> Tensor:
-    """A_i = (R_i − mean_g R) / (std_g R + ε), unbiased std, per group (method.md §1).
+    """A_i = (R_i − mean_g R) / (std_g R + ε), unbiased std, per group (docs/algorithm.md §2).
 
     Args:
         rewards: [N] combined rewards R_i (entropy bonus already added where used).

@@ -1,4 +1,4 @@
-"""Entropy reward e_i, which holds the policy's entropy near the reference's (method.md §2).
+"""Entropy reward e_i, which holds the policy's entropy near the reference's (docs/algorithm.md §3).
 
 1. H̄_i = mean_t H_{i,t} and H̄^ref_i = mean_t H^ref_{i,t} on the sampled sequence o_i (the caller
    averages; this module takes the [N] means);
@@ -7,13 +7,13 @@
    R_i ← R_i + λ·(e_i − mean of the kept e_j) for those samples only, λ = 0.4;
 4. mode ``all``: the same formula over every sample of the group; mode ``off``: no bonus.
 
-Why it stabilises (method.md §2.6): in a fully tied group every sample is a "max" sample and the
+Why it stabilises (docs/algorithm.md §3): in a fully tied group every sample is a "max" sample and the
 group std is ~0, so after normalisation the tiny bonus becomes a full-size advantage that pulls the
 policy toward reference-like entropy.
 
 Everything is detached: the authors added the bonus from a tensor that still carried gradient, so
 some gradient leaked through the advantages. That leak was an accident and is not reproduced, not
-even by ``parity`` (method.md §1, last bullet).
+even by ``parity`` (docs/algorithm.md §2, last bullet).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def entropy_score(entropy_mean: Tensor, ref_entropy_mean: Tensor) -> Tensor:
 def entropy_reward(rewards: Tensor, entropy_mean: Tensor, ref_entropy_mean: Tensor,
                    group_index: Tensor, mode: str = "max_only",
                    coef: float = 0.4) -> tuple[Tensor, Tensor]:
-    """Add the entropy bonus to the combined rewards R_i (method.md §2).
+    """Add the entropy bonus to the combined rewards R_i (docs/algorithm.md §3).
 
     Args:
         rewards: [N] combined rewards R_i.

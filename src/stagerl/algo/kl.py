@@ -1,4 +1,4 @@
-"""Per-token KL estimators KL_k1, KL_k2, KL_k3 between the policy and the reference (method.md §4).
+"""Per-token KL estimators KL_k1, KL_k2, KL_k3 between the policy and the reference (docs/algorithm.md §6).
 
 Tokens are sampled from the policy, so with log r = ℓ^ref − ℓ (ℓ = log π_θ, ℓ^ref = log π_ref)
 the three estimators of KL(π_θ ‖ π_ref) from J. Schulman, "Approximating KL Divergence" (2020,
@@ -49,7 +49,7 @@ def _k3(log_r: Tensor) -> Tensor:
 
 
 def kl_divergence(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
-    """KL_{i,t} per token [N, L] from ℓ [N, L] and ℓ^ref [N, L] (method.md §4).
+    """KL_{i,t} per token [N, L] from ℓ [N, L] and ℓ^ref [N, L] (docs/algorithm.md §6).
 
     Computed in fp32 (bf16 log-probs would lose the small differences that matter here).
     Gradient flows through ``logp`` only; the reference is detached.

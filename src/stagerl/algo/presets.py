@@ -1,4 +1,4 @@
-"""Ablation presets: the rows of the paper's Table 4 (method.md §5).
+"""Ablation presets: the rows of the paper's Table 4 (docs/algorithm.md §7).
 
 Each row sets four ``AlgoConfig`` fields; explicit config fields override a preset.
 
@@ -10,7 +10,7 @@ Each row sets four ``AlgoConfig`` fields; explicit config fields override a pres
 | wo_kl        | "w/o KL"                    | on       | (on)        | max_only       | 0    |
 | wo_ent_kl    | "w/o Ent & KL"              | on       | (on)        | off            | 0    |
 
-β = 0.03 is the authors' GenEval-run value (method.md §6). The table marks the KL reweight "–"
+β = 0.03 is the authors' GenEval-run value (docs/algorithm.md §8). The table marks the KL reweight "–"
 for the two rows without a KL term: with β = 0 the KL weights m are inert. We keep it on there so
 that those rows differ from ``stage`` only in the switches the table turns off. ``wo_kl`` keeps the
 entropy reward, so it still needs the reference model (for H̄^ref), though not for a KL term.

@@ -1,4 +1,4 @@
-"""Similarity-aware token weights w (method.md §3) and KL weights m (method.md §4).
+"""Similarity-aware token weights w (docs/algorithm.md §4) and KL weights m (docs/algorithm.md §6).
 
 For samples i, j of one group and a position t:
 - s_{ij,t} = cos(q_{i,t}, q_{j,t}), with q the (L2-normalised) VQ code vector of the sampled token;
@@ -9,7 +9,7 @@ For samples i, j of one group and a position t:
 - m_{i,t} = 0.5 + 0.5 · clamp(c̄_{i,t} + 1, 0, 1): tokens with a strong, unconflicted gradient
   (c̄ → −1) are held less tightly to the reference (m → 0.5).
 
-The G×G×L similarities come from one batched einsum over [P, G, L, D] (method.md §3.7). The authors
+The G×G×L similarities come from one batched einsum over [P, G, L, D] (docs/algorithm.md §4.1). The authors
 looped over i, j in Python with a hard-coded 24×24 reshape; here L and D come from the input.
 
 Shapes: N = P·G samples, P groups of G, L tokens per sample, D code dimension.
@@ -77,7 +77,7 @@ def partner_mask(adv: Tensor, partner_set: str,
 def mean_opposite_similarity(emb: Tensor, advantages: Tensor, group_index: Tensor,
                              partner_set: str = "fixed", *,
                              zero_tol: float = SIGN_ZERO_TOL) -> Tensor:
-    """c̄_{i,t} = mean over j ∈ P_i of s_{ij,t}  (method.md §3.1–3.3).
+    """c̄_{i,t} = mean over j ∈ P_i of s_{ij,t}  (docs/algorithm.md §4.1-§4.3).
 
     Args:
         emb: [N, L, D] code vectors q_{i,t} of the sampled tokens (L2-normalised; re-normalised).
@@ -106,7 +106,7 @@ def mean_opposite_similarity(emb: Tensor, advantages: Tensor, group_index: Tenso
 
 def apply_tied_rule(c_bar: Tensor, group_tied: Tensor | None,
                     entropy_reward_on: bool = False) -> Tensor:
-    """Tied-group rule (method.md §3.6): c̄ = 1 on groups with no reward signal.
+    """Tied-group rule (docs/algorithm.md §4.6): c̄ = 1 on groups with no reward signal.
 
     When every reward column of a group was dropped and the entropy reward is off, the authors set
     c̄ = 1, so w = 0 (no policy gradient from that group). The same c̄ feeds the KL weight, so
@@ -124,14 +124,14 @@ def apply_tied_rule(c_bar: Tensor, group_tied: Tensor | None,
 
 def token_weights(c_bar: Tensor, group_tied: Tensor | None = None,
                   entropy_reward_on: bool = False) -> Tensor:
-    """w_{i,t} = clamp((1 − c̄_{i,t}) / 2, 0, 1)  [N, L] (method.md §3.4), tied rule applied."""
+    """w_{i,t} = clamp((1 − c̄_{i,t}) / 2, 0, 1)  [N, L] (docs/algorithm.md §4.4), tied rule applied."""
     c_bar = apply_tied_rule(c_bar, group_tied, entropy_reward_on)
     return ((1.0 - c_bar) / 2.0).clamp(0.0, 1.0)
 
 
 def kl_weights(c_bar: Tensor, group_tied: Tensor | None = None,
                entropy_reward_on: bool = False) -> Tensor:
-    """m_{i,t} = 0.5 + 0.5 · clamp(c̄_{i,t} + 1, 0, 1)  [N, L] (method.md §4), in [0.5, 1].
+    """m_{i,t} = 0.5 + 0.5 · clamp(c̄_{i,t} + 1, 0, 1)  [N, L] (docs/algorithm.md §6), in [0.5, 1].
 
     Pass the same ``group_tied`` / ``entropy_reward_on`` as to :func:`token_weights` to apply the
     tied-group rule consistently: c̄ = 1 there, hence m = 1.

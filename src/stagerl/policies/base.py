@@ -6,7 +6,7 @@ built-in shapes-world model (`policies/tiny.py`) and Janus-Pro (`policies/janus.
 Shapes: N = number of sequences in the batch (prompts x group size), L = h * w image tokens,
 V = image-token vocabulary size, D = code-embedding dimension.
 
-Distributions (method.md, "Behaviour vs scored distribution"):
+Distributions (docs/algorithm.md, "Behaviour vs scored distribution"):
 - *behaviour*: what sampling draws from: CFG-guided logits ``u + s (c - u)``, divided by the
   temperature, then truncated by top-k / top-p.
 - *scored*: what the loss, KL and entropy use, chosen by ``logprob_mode``:
@@ -122,7 +122,7 @@ class Policy(Protocol):
         """
 
     def code_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[N, L] ids -> [N, L, D] L2-normalised VQ codebook vectors q_{i,t} (method.md §3)."""
+        """[N, L] ids -> [N, L, D] L2-normalised VQ codebook vectors q_{i,t} (docs/algorithm.md §4)."""
 
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
         """[N, L] ids -> N RGB PIL images."""

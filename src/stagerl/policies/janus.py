@@ -312,7 +312,7 @@ class JanusPolicy(nn.Module):
     # ---- images and codes -----------------------------------------------------------------------
     @torch.no_grad()
     def code_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[N, L] ids -> [N, L, D] fp32 L2-normalised VQ codebook vectors (method.md §3)."""
+        """[N, L] ids -> [N, L, D] fp32 L2-normalised VQ codebook vectors (docs/algorithm.md §4)."""
         codebook = self.core.model.vqmodel.quantize.embedding.weight  # [V, D]
         codes = codebook[tokens]  # [N, L, D]
         return F.normalize(codes.float(), dim=-1)
@@ -353,7 +353,7 @@ class JanusPolicy(nn.Module):
 def set_trainable(model: nn.Module, patterns: list[str]) -> int:
     """Train the parameters whose name matches any regex in ``patterns`` (``re.search`` on names
     such as ``model.language_model.layers.0.mlp.up_proj.weight``); freeze the rest. Returns the
-    number of trainable elements. Paper default: ``["language_model"]`` (method.md §6)."""
+    number of trainable elements. Paper default: ``["language_model"]`` (docs/algorithm.md §8)."""
     try:
         regexes = [re.compile(p) for p in patterns]
     except re.error as err:
@@ -452,7 +452,7 @@ def _base_model(model_cfg: Any, dtype: torch.dtype) -> tuple[nn.Module, Any, str
 
 @register_policy("janus")
 def build_janus(model_cfg: Any, need_reference: bool) -> PolicyPair:
-    """Policy (+ reference) for ``model.kind: janus`` (issue 5, items 2-4).
+    """Policy (+ reference) for ``model.kind: janus``.
 
     Full fine-tuning: ``model_cfg.train_modules`` train, the reference is a frozen deep copy.
     LoRA: only adapter weights train; the reference is the adapter disabled (no weight copy).

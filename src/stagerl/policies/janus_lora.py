@@ -1,4 +1,4 @@
-"""LoRA for Janus through peft: wrap, reference view, save adapters, reload, merge (issue 5, item 3).
+"""LoRA for Janus through peft: wrap, reference view, save adapters, reload, merge.
 
 - Target modules are one regex over module names; the default (``ModelConfig.lora_target_modules``)
   hits only the language model's attention and MLP projections. Plain names such as ``q_proj``

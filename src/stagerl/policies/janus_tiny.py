@@ -1,4 +1,4 @@
-"""A tiny, randomly initialised Janus for offline tests and smoke runs (issue 5, item 6).
+"""A tiny, randomly initialised Janus for offline tests and smoke runs.
 
 Real Janus-Pro weights cannot be downloaded on the CI machines (shared/docs/platform.md), so tests
 build the *real* transformers classes (``JanusForConditionalGeneration``, ``JanusProcessor``) at a

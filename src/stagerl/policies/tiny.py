@@ -1,4 +1,4 @@
-"""The built-in shapes-world policy: a tiny LlamaGen-style decoder-only transformer (issue 3).
+"""The built-in shapes-world policy: a tiny LlamaGen-style decoder-only transformer.
 
 Design credit: LlamaGen (Sun et al. 2024, "Autoregressive Model Beats Diffusion") -- a plain
 decoder-only transformer over VQ image tokens in raster order, the condition as a prefix of the same

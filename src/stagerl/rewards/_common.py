@@ -1,4 +1,4 @@
-"""Shared plumbing for the learned reward back ends (issue 6, item 1).
+"""Shared plumbing for the learned reward back ends.
 
 - :func:`require` imports an optional dependency and turns a missing one into a :class:`UserError`
   that names the extra (``pip install stagerl[rewards]``), so reward modules import without them.

@@ -1,4 +1,4 @@
-"""LAION aesthetic predictor (issue 6, item 4, "an aesthetic predictor if it fits").
+"""LAION aesthetic predictor.
 
 The LAION "improved aesthetic predictor" (C. Schuhmann, github.com/christophschuhmann/
 improved-aesthetic-predictor) is a small MLP on the L2-normalised CLIP ViT-L/14 image embedding,

@@ -7,7 +7,7 @@ Every reward is a callable ``(images, prompts, metadata) -> RewardOutput``:
 
 ``RewardOutput.scores`` is an fp32 tensor [N]. A reward that cannot score one image (a detector
 crash, an OCR failure) marks it ``valid=False`` and explains it in ``details``; the trainer counts and
-logs such events instead of crashing or silently using 0 (issue 6).
+logs such events instead of crashing or silently using 0.
 
 Rewards register by name with :func:`register_reward` and are built from config with
 :func:`build_reward`. Heavy models load lazily, on first call.

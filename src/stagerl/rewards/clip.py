@@ -1,4 +1,4 @@
-"""CLIP-family scorers on transformers' ``CLIPModel`` (issue 6, item 4).
+"""CLIP-family scorers on transformers' ``CLIPModel``.
 
 - ``clip_score``: cosine similarity of CLIP image and prompt embeddings, times ``scale`` (default 1,
   so the reward lies in [-1, 1]; Hessel et al.'s CLIPScore is ``2.5 * max(cos, 0)``).

@@ -1,4 +1,4 @@
-"""GenEval's learned back end without mmdet (issue 6, item 2; shared docs/geneval.md).
+"""GenEval's learned back end without mmdet.
 
 The original GenEval evaluator needs mmdet 2.x + mmcv-full + CUDA to run a Mask2Former COCO model
 (reward-server issues #5 and #8, geneval #8 are installation failures). Here any transformers

@@ -1,4 +1,4 @@
-"""GroundingDINO object / count / spatial reward (issue 6, item 4).
+"""GroundingDINO object / count / spatial reward.
 
 The STAGE paper trains one setting with HPS v2.1 + GIT VQA + GroundingDINO (the T2I-R1 reward mix).
 This module re-implements the GroundingDINO part with two quirks of the authors' version fixed, as

@@ -1,4 +1,4 @@
-"""HPS v2.1 (Wu et al. 2023, "Human Preference Score v2") as a reward (issue 6, item 4).
+"""HPS v2.1 (Wu et al. 2023, "Human Preference Score v2") as a reward.
 
 HPS v2.1 is an open_clip ViT-H-14 fine-tuned on human preferences. Its score is the cosine similarity
 of the normalised image and prompt embeddings (no logit scale), typically 0.2-0.35. The STAGE paper

@@ -1,4 +1,4 @@
-"""OCR reward (issue 6, item 3): does the image show the prompt's quoted text?
+"""OCR reward: does the image show the prompt's quoted text?
 
 Back end: rapidocr, whose PP-OCR ONNX weights ship inside its wheel, so it runs offline
 (platform.md, "Offline reward models").

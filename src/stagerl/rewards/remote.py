@@ -1,4 +1,4 @@
-"""The ``remote`` reward: score on a ``stagerl reward-server`` elsewhere (issue 6, item 5).
+"""The ``remote`` reward: score on a ``stagerl reward-server`` elsewhere.
 
 Flow-GRPO scores GenEval on a separate server; this client does the same safely:
 - JSON with base64 PNG images (never pickle), see :mod:`stagerl.rewards.server`;

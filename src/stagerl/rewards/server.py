@@ -1,4 +1,4 @@
-"""A reward server: any registered reward over HTTP (issue 6, item 5).
+"""A reward server: any registered reward over HTTP.
 
 Flow-GRPO runs its GenEval scorer as a separate server so that heavy scorers can live on other GPUs or
 hosts (its README credits ddpo-pytorch for the idea). Theirs exchanges pickles; this one is safe by

@@ -1,4 +1,4 @@
-"""Shapes-world rewards: the exact evaluator behind the common reward signature (issue 3).
+"""Shapes-world rewards: the exact evaluator behind the common reward signature.
 
 - ``shapes_strict`` (the default reward of ``stagerl train``): 1 if the strict verdict passes;
 - ``shapes_lenient``: 1 if GenEval's rules alone pass;
@@ -6,7 +6,7 @@
 
 Keyword arguments other than ``variant`` configure the world (:class:`WorldSpec` fields, e.g.
 ``canvas: 48``). An image the evaluator cannot read (wrong size, malformed metadata) is marked
-``valid=False`` with the error in its details, so the trainer can count it (issue 6).
+``valid=False`` with the error in its details, so the trainer can count it.
 """
 
 from __future__ import annotations

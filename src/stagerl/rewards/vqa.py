@@ -1,4 +1,4 @@
-"""GIT yes/no VQA reward (issue 6, item 4), as in T2I-R1 and the STAGE paper's HPS+GIT+GDino mix.
+"""GIT yes/no VQA reward, as in T2I-R1 and the STAGE paper's HPS+GIT+GDino mix.
 
 For each attribute-noun phrase of the prompt ("a red cat", "two dogs") GIT (Wang et al. 2022,
 fine-tuned on VQAv2) is asked ``template.format(phrase=...)``; the answer's first-token distribution

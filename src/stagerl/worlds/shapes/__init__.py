@@ -1,4 +1,4 @@
-"""The shapes world: an embedded GenEval-style benchmark with an exact evaluator (issue 3).
+"""The shapes world: an embedded GenEval-style benchmark with an exact evaluator.
 
 - :mod:`.spec`: :class:`WorldSpec`, every knob of the world;
 - :mod:`.render`: :class:`ShapeObject` and :func:`render`;

@@ -1,6 +1,6 @@
 """The exact detection back end: turn a shapes-world image into GenEval Detections.
 
-Steps (issue 3's evaluator design, measured there at ~0.3 ms per image):
+Steps:
 1. snap every pixel to the nearest palette colour (background included) within
    ``spec.color_tolerance``; farther pixels are "unknown";
 2. 4-connected components of equal snapped colour: horizontal runs merged by vectorised

@@ -1,4 +1,4 @@
-"""Exact GenEval-style evaluation of shapes-world images (issue 3, deliver 2).
+"""Exact GenEval-style evaluation of shapes-world images.
 
 Two verdicts per image:
 - **lenient**: GenEval's rules alone, on the exact detector's detections;

@@ -1,4 +1,4 @@
-"""Pretrain the shapes-world base model from scratch (issue 3, deliverable 5: ``stagerl pretrain``).
+"""Pretrain the shapes-world base model from scratch.
 
 Recipe: render the world's "train" split, fit the patch-codebook tokenizer on those renders, train
 the tiny LlamaGen-style policy (policies/tiny.py) with next-token cross-entropy, AdamW, a linear
@@ -58,7 +58,7 @@ class PretrainConfig:
     codebook_size: int = _f(512, "K: most frequent actual patches kept by the tokenizer (issue 3: "
                             "~512; the default world has only ~420 distinct ones).")
     patch: int = _f(4, "Patch side in pixels; token grid = canvas / patch per side (32/4 = 8x8).")
-    d_model: int = _f(128, "Transformer width (issue 3: d=128, 4 layers, 4 heads, ~1M params).")
+    d_model: int = _f(128, "Transformer width.")
     n_layers: int = _f(4, "Transformer blocks.")
     n_heads: int = _f(4, "Attention heads.")
     mlp_hidden: int = _f(352, "SwiGLU hidden width (~8/3 d_model, Llama's ratio).")
@@ -71,7 +71,7 @@ class PretrainConfig:
     weight_decay: float = _f(0.01, "AdamW weight decay on matrices (not on norm gains).")
     grad_clip: float = _f(1.0, "Max global gradient norm; 0 = off.")
     prompt_dropout: float = _f(0.1, "Probability of replacing a prompt by the null prompt, which "
-                               "trains the unconditional branch for CFG (LlamaGen; issue 3: 10 %).")
+                               "trains the unconditional branch for CFG (LlamaGen).")
     ema_decay: float = _f(0.995, "EMA decay of the weights; the EMA is saved and evaluated; "
                           "0 = off.")
     eval_prompts: int = _f(240, "Held-out 'test' split prompts for the final evaluation (a "
@@ -260,12 +260,12 @@ def best_cfg_scale(result: dict[str, Any]) -> float:
 
 
 def model_card(result: dict[str, Any], command: str) -> str:
-    """A short Markdown model card: how the model was made and how it scores (issue 3, item 6)."""
+    """A short Markdown model card: how the model was made and how it scores."""
     cfg = result["config"]
     lines = [
         "# Shapes-world base model (stagerl tiny policy)", "",
         "A LlamaGen-style decoder-only transformer over 4x4-pixel patch codes of the shapes world, "
-        "pretrained from scratch by `stagerl pretrain` (issue 3). It is the default policy of "
+        "pretrained from scratch by `stagerl pretrain`. It is the default policy of "
         "`stagerl train` / `stagerl eval` (`model.path: builtin:shapes`).", "",
         "## How it was made",
         f"- Command: `{command}`",
@@ -287,7 +287,7 @@ def model_card(result: dict[str, Any], command: str) -> str:
         "no top-k/top-p. Scored by the exact evaluator (`stagerl.worlds.shapes.evaluate`).",
         "- Overall = mean of the six per-category accuracies (GenEval's convention).",
         f"- Recommended CFG scale: **{best_cfg_scale(result)}** (best strict overall among those "
-        "evaluated; issue 3: 3-5 makes this model draw extra objects).", ""]
+        "evaluated).", ""]
     if "check" in result:
         ck = result["check"]
         lines += [f"- Quick check (`eval_check.json`, reproduced by tests/test_shipped_model.py): "

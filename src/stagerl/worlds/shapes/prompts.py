@@ -1,4 +1,4 @@
-"""Seeded (prompt, GenEval metadata, scene) generator for the shapes world (issue 3, deliver 1).
+"""Seeded (prompt, GenEval metadata, scene) generator for the shapes world.
 
 Splits (each a separate seed stream):
 - ``train``: the training distribution: training templates, training compositions;

@@ -1,11 +1,11 @@
 """The shapes world's configuration: canvas, palette, shapes, counts, relations, held-out rules.
 
-The shapes world is the project's embedded benchmark (issue 3): procedural images whose content is
+The shapes world is the project's embedded benchmark: procedural images whose content is
 known exactly, scored with GenEval's rules (shared docs/geneval.md) by an exact detector. Every knob
 lives in :class:`WorldSpec`, so harder variants (bigger canvas, more colours, more objects) are one
 config line away when the default saturates.
 
-Defaults (issue 3's feasibility notes): a 32x32 canvas, objects on a 2-pixel grid, circle / square /
+Defaults: a 32x32 canvas, objects on a 2-pixel grid, circle / square /
 triangle, six saturated colours, 1-4 objects, a plain white background.
 """
 
@@ -49,7 +49,7 @@ class WorldSpec:
     canvas: int = 32
     """Image side in pixels (square RGB canvas)."""
     grid_step: int = 2
-    """Objects' top-left corners and sizes are multiples of this (issue 3: a 2-px grid is legible)."""
+    """Objects' top-left corners and sizes are multiples of this."""
     shapes: tuple[str, ...] = SHAPES
     """Object classes (GenEval "class"); each must be one the renderer knows."""
     colors: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple")

@@ -1,4 +1,4 @@
-"""A patch-codebook VQ tokenizer for the shapes world (issue 3, "Tokenizer").
+"""A patch-codebook VQ tokenizer for the shapes world.
 
 An image of H x W pixels is cut into non-overlapping p x p patches, giving an (H/p) x (W/p) grid of
 tokens (32 x 32 canvas, p = 4: 8 x 8 = 64 tokens). The codebook is the K most frequent *actual*
@@ -10,7 +10,7 @@ Why not k-means or a learned VQ-VAE: issue 3 measured that k-means centroids blu
 32 used codes. Real patches keep saturated colours and crisp edges, so >= 99 % of reconstructions
 pass (the default world has only ~420 distinct patches, so there reconstruction is exact).
 
-Code embeddings (method.md §3, q_{i,t}): STAGE's similarity weights use cos(q_i, q_j) between the
+Code embeddings (docs/algorithm.md §4, q_{i,t}): STAGE's similarity weights use cos(q_i, q_j) between the
 codebook vectors of two tokens, so the cosine must track how alike the two patches look. We use the
 patch's pixels in [0, 1], flattened (D = p*p*3 = 48) and centred by the mean codebook patch, then
 L2-normalised. Centring matters: raw pixel vectors are all non-negative, so every pair would have a
@@ -131,7 +131,7 @@ class PatchTokenizer:
         return self._embed.clone()
 
     def code_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
-        """LongTensor [N, L] -> [N, L, D] L2-normalised code vectors q_{i,t} (method.md §3)."""
+        """LongTensor [N, L] -> [N, L, D] L2-normalised code vectors q_{i,t} (docs/algorithm.md §4)."""
         tokens = torch.as_tensor(tokens).long()
         return self._embed.to(tokens.device)[tokens]
 
