@@ -194,3 +194,43 @@ def test_grad_accum_one_and_four_give_the_same_gradient(tmp_path, tiny_model_dir
     assert g1 and set(g1) == set(g4)
     for name in g1:
         torch.testing.assert_close(g4[name], g1[name], rtol=1e-4, atol=1e-7)
+
+
+@register_reward("test_constant")
+class ConstantReward:
+    """The same score for every image: every group is tied, so no advantage is ever non-zero."""
+
+    name = "test_constant"
+
+    def __call__(self, images, prompts, metadata):
+        return RewardOutput(torch.ones(len(images)), torch.ones(len(images), dtype=torch.bool))
+
+
+@register_reward("test_invalid")
+class InvalidReward:
+    """Cannot score anything (as a detector reward on prompts it does not understand)."""
+
+    name = "test_invalid"
+
+    def __call__(self, images, prompts, metadata):
+        return RewardOutput(torch.zeros(len(images)), torch.zeros(len(images), dtype=torch.bool))
+
+
+@pytest.mark.parametrize("reward, phrase", [("test_constant", "every group was tied"),
+                                            ("test_invalid", "every sample was invalid")])
+def test_no_reward_signal_stops_with_the_reason(tmp_path, tiny_model_dir, reward, phrase):
+    cfg = _cfg(tmp_path, tiny_model_dir, f"reward.names=[{reward}]", "run.steps=6",
+               "algo.preset=vanilla_grpo", "run.max_no_signal_steps=3")
+    with pytest.raises(trainer_mod.TrainingStopped, match=phrase) as err:
+        trainer_mod.train(cfg)
+    assert "stopped at step 3" in str(err.value)
+    assert not (tmp_path / "r" / "final").exists()
+
+
+def test_diverging_run_stops_and_writes_no_final_model(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir, "optim.lr=1e3", "optim.grad_clip=0", "run.steps=4")
+    with pytest.raises(trainer_mod.TrainingStopped, match="diverged") as err:
+        trainer_mod.train(cfg)
+    assert "run.max_weight_growth" in str(err.value)
+    assert not (tmp_path / "r" / "final").exists()
+    assert not list((tmp_path / "r").glob("checkpoints/step_*"))

@@ -30,6 +30,7 @@ class TrainerState:
     data_position: int = 0  # prompts consumed from the source (global, all processes)
     consecutive_skips: int = 0
     total_skips: int = 0
+    no_signal_steps: int = 0  # consecutive steps whose rollout carried no reward signal
 
 
 def save_checkpoint(accelerator: Any, ckpt_root: Path, state: TrainerState, config_yaml: str,

@@ -158,6 +158,13 @@ class RunConfig:
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).", min=0)
     max_consecutive_skips: int = _f(3, "Stop after this many consecutive skipped (non-finite) steps.",
                                     min=1)
+    max_no_signal_steps: int = _f(20, "Stop after this many consecutive steps without reward "
+                                  "signal (every sample invalid, or every group tied so every "
+                                  "advantage is 0); 0 = never stop for this.", min=0)
+    max_weight_growth: float = _f(10.0, "Stop (and write no final/) when the trainable weights' "
+                                  "norm exceeds this many times its starting value, or is not "
+                                  "finite: the run diverged; 0 = only the finiteness check.",
+                                  min=0.0)
     threads: int = _f(0, "torch intra-op threads; 0 = leave torch's default.", min=0)
     mixed_precision: str = _f("no", "accelerate mixed precision: no, bf16 or fp16.",
                               choices=("no", "bf16", "fp16"))

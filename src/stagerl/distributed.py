@@ -327,6 +327,26 @@ def gathered_state(engine: str, model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in unwrap_module(model).state_dict().items()}
 
 
+def param_norm(engine: str, model: nn.Module) -> float:
+    """L2 norm of the trainable parameters, the same on every rank (sharded parts all-reduced)."""
+    total = None
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        local = p.ds_tensor if hasattr(p, "ds_tensor") else (
+            p.to_local() if hasattr(p, "to_local") else p)
+        sq = local.detach().float().pow(2).sum()
+        total = sq if total is None else total + sq
+    if total is None:
+        return 0.0
+    sharded = engine == "fsdp2" or (engine == "deepspeed" and zero_stage() == 3)
+    if sharded and torch.distributed.is_initialized():
+        if torch.cuda.is_available():  # NCCL reduces CUDA tensors (offloaded shards live on CPU)
+            total = total.cuda()
+        torch.distributed.all_reduce(total)
+    return float(total.sqrt())
+
+
 def unwrap_module(model: nn.Module) -> nn.Module:
     """The module inside a DDP or DeepSpeed wrapper (FSDP2 modules are not wrapped)."""
     return getattr(model, "module", model)

@@ -95,6 +95,7 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
                       enabled=main)
     eval_before = _evaluate(cfg, policy, accelerator, tracker, state.step, "before") \
         if state.step == 0 else _read_eval(run_dir, "before")
+    norm0 = distributed.param_norm(engine, model)  # the divergence check's reference
 
     # --- the loop ------------------------------------------------------------------------------
     bar = progress(total=cfg.run.steps, initial=state.step, disable=not main) if progress else None
@@ -124,12 +125,7 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
             tracker.log(state.step, metrics)
         if main and cfg.log.image_every and (step % cfg.log.image_every == 0):
             _log_grid(tracker, ro, state.step, cfg.sampling.group_size)
-        if state.consecutive_skips >= cfg.run.max_consecutive_skips:
-            tracker.close()
-            raise TrainingStopped(
-                f"stopped at step {state.step}: {state.consecutive_skips} consecutive steps had a "
-                f"non-finite reward or loss (see {run_dir / 'metrics.jsonl'}); lower optim.lr or "
-                f"check the reward")
+        _check_health(cfg, state, ro, accelerator, engine, model, norm0, tracker)
         if cfg.log.eval_every and state.step % cfg.log.eval_every == 0 \
                 and state.step < cfg.run.steps:
             _evaluate(cfg, policy, accelerator, tracker, state.step, f"step{state.step}")
@@ -151,6 +147,37 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, state.step, state.total_skips, eval_before, eval_after,
                        time.perf_counter() - t_start, policy, model, engine)
+
+
+def _check_health(cfg: Config, state: TrainerState, ro: Rollout, accelerator: Any, engine: str,
+                  model: Any, norm0: float, tracker: Tracker) -> None:
+    """Stop a run that cannot learn or has diverged, with the reason, before it saves anything.
+
+    Every rank reaches the same decision (the flags are reduced over processes).
+    """
+    invalid = distributed.all_ranks_true(accelerator, bool((~ro.reward_valid).any(dim=1).all()))
+    no_signal = distributed.all_ranks_true(accelerator, bool((ro.advantages == 0).all()))
+    state.no_signal_steps = state.no_signal_steps + 1 if (invalid or no_signal) else 0
+    norm = distributed.param_norm(engine, model)
+    reason = None
+    if state.consecutive_skips >= cfg.run.max_consecutive_skips:
+        reason = (f"{state.consecutive_skips} consecutive steps had a non-finite reward or loss; "
+                  f"lower optim.lr or check the reward")
+    elif not math.isfinite(norm) or (cfg.run.max_weight_growth > 0
+                                     and norm > cfg.run.max_weight_growth * norm0):
+        reason = (f"the run diverged: the trainable weights' norm went from {norm0:.4g} to "
+                  f"{norm:.4g} (limit run.max_weight_growth={cfg.run.max_weight_growth:g}x); "
+                  f"lower optim.lr. No final model was written")
+    elif cfg.run.max_no_signal_steps and state.no_signal_steps >= cfg.run.max_no_signal_steps:
+        why = ("every sample was invalid for the reward (see reward/<name>/invalid and the "
+               "reward's reasons)" if invalid else
+               "every group was tied, so every advantage was 0 (a reward that cannot tell the "
+               "samples apart, or sampling that draws the same image G times)")
+        reason = (f"no reward signal for {state.no_signal_steps} consecutive steps: {why} "
+                  f"(run.max_no_signal_steps={cfg.run.max_no_signal_steps})")
+    if reason is not None:
+        tracker.close()
+        raise TrainingStopped(f"stopped at step {state.step}: {reason}")
 
 
 def update(model: Any, ro: Rollout, optimizer: Any, scheduler: Any, accelerator: Any,
