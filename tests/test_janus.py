@@ -9,7 +9,8 @@ from stagerl.config import ModelConfig
 from stagerl.errors import UserError
 from stagerl.policies import build_policy
 from stagerl.policies.base import Policy, SamplingParams
-from stagerl.policies.janus import JanusPolicy, set_trainable, truncate_logits
+from stagerl.policies.janus import JanusPolicy, set_trainable
+from stagerl.policies.sampling import truncate_logits
 from stagerl.policies.janus_tiny import build_tiny_janus
 
 torch.set_num_threads(1)

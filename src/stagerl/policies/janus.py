@@ -1,7 +1,7 @@
 """Janus-Pro behind the policy protocol, on transformers' native ``JanusForConditionalGeneration``.
 
-Issue 5. Where Janus keeps its parts, and the pitfalls of ``generate(generation_mode="image")``, are
-in shared/docs/platform.md; this module follows it:
+Where Janus keeps its parts, and the pitfalls of ``generate(generation_mode="image")``, are in
+docs/development.md, "Janus in transformers"; this module follows it:
 
 - Image-token logits are ``generation_head(LM trunk([prompt embeddings ; image-token embeddings]))``;
   ``JanusForConditionalGeneration.forward`` only returns *text* logits, so we never call it.
@@ -12,7 +12,7 @@ in shared/docs/platform.md; this module follows it:
   sampler and teacher forcing do the same (the LM then numbers positions ``0..T+L-1``), which is
   what makes sampling-time and teacher-forced log-probs agree.
 - Our own CFG loop (DynamicCache) instead of ``generate()``: ``generate()`` silently applies top-k 50
-  and keeps only the last step's scores (platform.md); we need every step's log-probs.
+  and keeps only the last step's scores (docs/development.md); we need every step's log-probs.
 
 Shapes: N sequences, T prompt tokens (left-padded), L = h * w image tokens, V image-token
 vocabulary, H hidden size, D VQ code dimension.
@@ -35,7 +35,8 @@ from stagerl.errors import UserError
 from stagerl.policies import PolicyPair, register_policy
 from stagerl.policies.base import (LOGPROB_MODES, PromptInputs, SampleOutput, SamplingParams,
                                    TokenStats)
-from stagerl.policies.sampling import draw
+from stagerl.policies.sampling import (behaviour_logits, draw, scored_logits, token_stats,
+                                       truncate_logits)  # noqa: F401 (re-exported)
 from stagerl.policies.janus_lora import (JanusReferenceView, add_cli_args, merge_lora,  # noqa: F401
                                         run_cli)  # add_cli_args/run_cli: `stagerl merge-lora`
 
@@ -69,40 +70,6 @@ def _special_ids(model: nn.Module, tokenizer: Any) -> tuple[int, int, int]:
         raise UserError("model.path: the Janus tokenizer defines no BOS, pad or <begin_of_image> "
                         "token; cannot build prompts")
     return int(bos), int(pad), int(boi)
-
-
-def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Top-k then top-p (nucleus) truncation; removed entries become -inf. [N, V] -> [N, V].
-
-    Keeps at least one token; ties at the k-th value are kept (as transformers' TopKLogitsWarper).
-    """
-    out = logits
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
-        out = out.masked_fill(out < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # mass before this token >= p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        out = out.masked_fill(drop, float("-inf"))
-    return out
-
-
-def scored_logits(cond: torch.Tensor, uncond: torch.Tensor | None, mode: str, cfg_scale: float,
-                  temperature: float) -> torch.Tensor:
-    """The scored distribution's logits (base.py): cond/T, or (u + s (c - u))/T with u detached."""
-    if mode == "cond" or uncond is None:
-        return cond / temperature
-    return (uncond.detach() + cfg_scale * (cond - uncond.detach())) / temperature
-
-
-def _stats(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., V] fp32 logits, [...] ids -> (log-prob of the ids, entropy), both [...]."""
-    logp = torch.log_softmax(logits, dim=-1)
-    picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return picked, entropy
 
 
 def _hook_managed(module: nn.Module) -> bool:
@@ -230,7 +197,7 @@ class JanusPolicy(nn.Module):
 
         def logit_stats(lc: torch.Tensor, lu: torch.Tensor | None,
                         tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return _stats(scored_logits(lc, lu, logprob_mode, cfg_scale, temperature), tok)
+            return token_stats(scored_logits(lc, lu, logprob_mode, cfg_scale, temperature), tok)
 
         def chunk_stats(hc: torch.Tensor, hu: torch.Tensor | None,
                         tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,15 +262,16 @@ class JanusPolicy(nn.Module):
             cache = out.cache
             logits = self._head(out.last_hidden_state[:, -1])  # [B, V]
             cond, unc = (logits[:n], logits[n:]) if guided else (logits, None)
-            mix = cond if unc is None else unc + params.cfg_scale * (cond - unc)  # [N, V]
-            beh = truncate_logits(mix / params.temperature, params.top_k, params.top_p)
-            probs = torch.softmax(beh, dim=-1)
-            nxt = draw(probs, generator, None if noise is None else noise[:, i])  # [N]
+            beh = behaviour_logits(cond, unc, params.cfg_scale, params.temperature,
+                                   params.top_k, params.top_p)  # [N, V]
+            # softmax + multinomial, as generate() draws (same tokens from the same seed)
+            nxt = draw(torch.softmax(beh, dim=-1), generator,
+                       None if noise is None else noise[:, i])  # [N]
             tokens[:, i] = nxt
             behaviour[:, i] = torch.log_softmax(beh, -1).gather(-1, nxt[:, None]).squeeze(-1)
-            s_logits = scored_logits(cond, unc, params.logprob_mode, params.cfg_scale,
-                                     params.temperature)
-            scored[:, i] = torch.log_softmax(s_logits, -1).gather(-1, nxt[:, None]).squeeze(-1)
+            scored[:, i] = token_stats(scored_logits(cond, unc, params.logprob_mode,
+                                                     params.cfg_scale, params.temperature),
+                                       nxt)[0]
             step_ids = torch.cat([nxt, nxt]) if guided else nxt
             embeds = self._image_embeddings(step_ids[:, None])  # [B, 1, H]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -321,7 +289,7 @@ class JanusPolicy(nn.Module):
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
         """[N, L] ids -> N RGB images via the VQ decoder; pixels in [-1, 1] mapped to uint8.
 
-        (platform.md: ``processor.postprocess`` fails on HWC pixels, so convert ourselves.)
+        (docs/development.md: ``processor.postprocess`` fails on HWC pixels, so convert ourselves.)
         """
         pixels = self.core.decode_image_tokens(tokens)  # [N, px, px, 3] about [-1, 1]
         u8 = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()

@@ -1,6 +1,13 @@
-"""Drawing tokens: the one place where randomness enters sampling, shared by every adapter.
+"""The sampling math every policy adapter shares: guidance, truncation, scored statistics, draws.
 
-Two ways to supply it:
+One implementation for every adapter (docs/algorithm.md §1), so the behaviour and scored
+distributions cannot drift apart between models:
+- *behaviour* (what sampling draws from): CFG logits u + s·(c − u), divided by the temperature,
+  then top-k / top-p truncation (:func:`behaviour_logits`);
+- *scored* (what the loss, KL and entropy use): ``cond`` = c / T, ``cfg`` = (u + s·(c − u)) / T with
+  the unconditional branch detached, never truncated (:func:`scored_logits`, :func:`token_stats`).
+
+Randomness enters in :func:`draw`, in one of two ways:
 - a ``torch.Generator`` (what ``generate()``-style samplers use). A generator belongs to one device;
   :func:`draw` makes its draw on the generator's device and moves the result, so a CPU generator
   never meets CUDA probabilities inside ``torch.multinomial`` (which refuses that);
@@ -14,6 +21,52 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def guide(cond: Tensor, uncond: Tensor | None, cfg_scale: float) -> Tensor:
+    """u + s·(c − u) on raw logits [..., V] (``uncond`` None = no guidance)."""
+    return cond if uncond is None else uncond + cfg_scale * (cond - uncond)
+
+
+def truncate_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Top-k then top-p (nucleus) truncation; removed entries become -inf. [N, V] -> [N, V].
+
+    The most likely token is always kept. Ties at the k-th value are kept (as transformers'
+    TopKLogitsWarper); top-p drops a token once the mass before it reaches p.
+    """
+    out = logits
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p  # mass before this token >= p
+        drop_sorted[..., 0] = False
+        out = out.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return out
+
+
+def behaviour_logits(cond: Tensor, uncond: Tensor | None, cfg_scale: float, temperature: float,
+                     top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """The behaviour distribution's logits [N, V]: guided, tempered, truncated."""
+    return truncate_logits(guide(cond, uncond, cfg_scale) / temperature, top_k, top_p)
+
+
+def scored_logits(cond: Tensor, uncond: Tensor | None, mode: str, cfg_scale: float,
+                  temperature: float) -> Tensor:
+    """The scored distribution's logits: c / T (``cond``), or guided with u detached (``cfg``)."""
+    if mode == "cond" or uncond is None:
+        return cond / temperature
+    return guide(cond, uncond.detach(), cfg_scale) / temperature
+
+
+def token_stats(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """[..., V] logits, [...] ids -> (log-prob of the ids, entropy of the full distribution)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return picked, entropy
 
 
 def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:

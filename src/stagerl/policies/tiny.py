@@ -41,7 +41,7 @@ from stagerl.errors import UserError
 from stagerl.policies import PolicyPair, register_policy
 from stagerl.policies.base import (LOGPROB_MODES, PromptInputs, SampleOutput, SamplingParams,
                                    TokenStats)
-from stagerl.policies.sampling import inverse_cdf
+from stagerl.policies.sampling import behaviour_logits, inverse_cdf, scored_logits, token_stats
 from stagerl.worlds.shapes.tokenizer import PatchTokenizer
 
 log = logging.getLogger(__name__)
@@ -262,14 +262,13 @@ class TinyPolicy(nn.Module):
     def _score_chunk(self, h_cond: torch.Tensor, h_uncond: torch.Tensor | None,
                      tokens: torch.Tensor, cfg_scale: float, temperature: float) -> torch.Tensor:
         """[N, C, d] hidden -> [2, N, C]: (log-prob of ``tokens``, full-vocabulary entropy)."""
-        logits = self.head(h_cond).float()  # [N, C, V]
+        c = self.head(h_cond).float()  # [N, C, V]
+        u = None
         if h_uncond is not None:
             with torch.no_grad():  # "cfg" mode: the unconditional branch is a constant
                 u = self.head(h_uncond).float()
-            logits = u + cfg_scale * (logits - u)
-        logp = torch.log_softmax(logits / temperature, dim=-1)  # [N, C, V]
-        chosen = logp.gather(-1, tokens[..., None]).squeeze(-1)
-        entropy = -(logp.exp() * logp).sum(-1)
+        chosen, entropy = token_stats(scored_logits(c, u, "cfg" if u is not None else "cond",
+                                                    cfg_scale, temperature), tokens)
         return torch.stack([chosen, entropy])
 
     def forward(self, inputs: PromptInputs, tokens: torch.Tensor, logprob_mode: str = "cond",
@@ -299,20 +298,6 @@ class TinyPolicy(nn.Module):
         return TokenStats(logprobs=stats[0], entropy=stats[1])
 
     # ---- protocol: sampling --------------------------------------------------------------------
-    @staticmethod
-    def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-        """Set logits outside the top-k / nucleus to -inf. logits [N, V]."""
-        if 0 < top_k < logits.shape[-1]:
-            kth = logits.topk(top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            probs = sorted_logits.softmax(-1)
-            drop = (probs.cumsum(-1) - probs) >= top_p  # mass before this token already >= p
-            drop[:, 0] = False
-            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        return logits
-
     @torch.no_grad()
     def sample(self, inputs: PromptInputs, params: SamplingParams,
                generator: torch.Generator | None = None, noise: torch.Tensor | None = None, *,
@@ -338,12 +323,11 @@ class TinyPolicy(nn.Module):
                 prev = tokens[:, t - 1:t] if use_cache else tokens[:, :t]
                 h = self._run(ids, mask, prev.repeat(2 if guided else 1, 1), cache)[:, -1]
             logits = self.head(h).float()  # [B, V]
-            c = logits[:n]
-            g = logits[n:] + s * (c - logits[n:]) if guided else c
-            base = c if params.logprob_mode == "cond" else g
-            lp_scored = torch.log_softmax(base / params.temperature, dim=-1)
-            lp_beh = torch.log_softmax(self._truncate(g / params.temperature, params.top_k,
-                                                      params.top_p), dim=-1)
+            c, u_logits = (logits[:n], logits[n:]) if guided else (logits, None)
+            lp_scored = torch.log_softmax(
+                scored_logits(c, u_logits, params.logprob_mode, s, params.temperature), dim=-1)
+            lp_beh = torch.log_softmax(behaviour_logits(c, u_logits, s, params.temperature,
+                                                        params.top_k, params.top_p), dim=-1)
             # Inverse-CDF draw: one uniform per row per step, whatever the path (cache or not).
             if noise is not None:
                 u = noise[:, t]
