@@ -1,6 +1,6 @@
 """Rollout speed of the tiny policy: KV-cache CFG sampling vs recomputing the prefix every step.
 
-Issue 3, deliverable 7. Both variants run side by side in one process, on the same prompts and the
+Both variants run side by side in one process, on the same prompts and the
 same seeded generator (so they draw the same tokens), at:
 - the shipped 8x8 grid (64 image tokens), and
 - a 16x16 grid (256 tokens): a random-init model of the same width on a 64x64 canvas, where the

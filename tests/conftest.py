@@ -1,5 +1,5 @@
-"""Shared fixtures. Tests run single-threaded (platform.md: 2 torch threads beside another process
-were measured 100x slower)."""
+"""Shared fixtures. Tests run single-threaded (docs/development.md, "Threads": 2 torch threads
+beside another process were measured 100x slower)."""
 
 from __future__ import annotations
 

@@ -28,6 +28,6 @@ for name, p in sorted(result.policy.state_dict().items()):
 rank = int(os.environ["RANK"])
 with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
     json.dump({"digest": digest.hexdigest(), "world": int(os.environ["WORLD_SIZE"])}, fh)
-# torch + gloo may abort at interpreter exit after all work is done (platform.md)
+# torch + gloo may abort at interpreter exit after all work is done (docs/development.md)
 sys.stdout.flush()
 os._exit(0)

@@ -142,7 +142,7 @@ def _worker(out: str) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump({"digest": _digest(result.policy), "init_digest": init["digest"],
                    "world": int(os.environ["WORLD_SIZE"])}, fh)
-    # torch + gloo may abort at interpreter exit after all work is done (platform.md)
+    # torch + gloo may abort at interpreter exit after all work is done (docs/development.md)
     sys.stdout.flush()
     os._exit(0)
 

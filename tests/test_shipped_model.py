@@ -42,7 +42,7 @@ def test_card_is_in_the_band_and_matches_its_markdown(card) -> None:
     scale = best_cfg_scale(card)
     full = next(ev for ev in card["evals"] if ev["cfg_scale"] == scale)
     strict = full["strict"]
-    # Issue 3: strict overall 0.30-0.65 on held-out prompts; the hard categories clearly below
+    # Target band: strict overall 0.30-0.65 on held-out prompts; the hard categories clearly below
     # single object, so RL has room to improve.
     assert 0.30 <= strict["overall"] <= 0.65
     for tag in ("counting", "position", "color_attr"):

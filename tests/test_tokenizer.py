@@ -38,7 +38,7 @@ def test_grid_and_codebook_from_frequent_real_patches(fitted) -> None:
 
 
 def test_reconstructions_pass_the_strict_evaluator(fitted) -> None:
-    # Issue 3: >= 99 % of reconstructions pass; held-out test-split renders, ~1,000 of them.
+    # Requirement: >= 99 % of reconstructions pass; held-out test-split renders, ~1,000 of them.
     tok, _ = fitted
     examples = generate(1020, 7, SPEC, "test")
     images = render_batch([e.objects for e in examples], SPEC)

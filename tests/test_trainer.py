@@ -1,4 +1,4 @@
-"""Trainer tier (architecture.md §12): CPU smoke run, exact resume, skip-on-NaN, user errors."""
+"""Trainer tier (docs/design.md §12): CPU smoke run, exact resume, skip-on-NaN, user errors."""
 
 from __future__ import annotations
 

@@ -633,8 +633,8 @@ def main(argv: list[str] | None = None) -> int:
         print("stagerl: interrupted", file=sys.stderr)
         code = 130
     if distributed:
-        # torch + gloo can abort at interpreter exit after all work is done (platform.md); every
-        # output is flushed and closed by now, so leave without running the exit handlers.
+        # torch + gloo can abort at interpreter exit after all work is done (docs/development.md,
+        # "Exit abort"); every output is flushed and closed by now, so skip the exit handlers.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

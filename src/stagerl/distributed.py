@@ -1,4 +1,4 @@
-"""Every distributed concern of training, in one place (architecture.md, principle 8).
+"""Every distributed concern of training, in one place (docs/design.md §8).
 
 Four engines, chosen by how the job was launched (docs/janus.md, "Engines"):
 

@@ -1,4 +1,4 @@
-"""Logging as a service (architecture.md, principle 9): namespaced metrics to JSONL + TensorBoard
+"""Logging as a service (docs/design.md §9): namespaced metrics to JSONL + TensorBoard
 (+ W&B when asked), and prompt-labelled image grids. Only the main process writes."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The STAGE algorithm (arXiv 2509.25027) as pure tensor functions (architecture.md, principle 1).
+"""The STAGE algorithm (arXiv 2509.25027) as pure tensor functions (docs/design.md §1).
 
 No nn.Module, no config objects, no I/O: tensors and numbers in, tensors and metric dicts out.
 Where each symbol of docs/algorithm.md lives:

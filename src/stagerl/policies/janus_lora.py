@@ -2,7 +2,7 @@
 
 - Target modules are one regex over module names; the default (``ModelConfig.lora_target_modules``)
   hits only the language model's attention and MLP projections. Plain names such as ``q_proj``
-  would also hit the vision tower (platform.md, peft).
+  would also hit the vision tower (docs/development.md, "LoRA through peft").
 - A LoRA checkpoint directory holds peft's ``adapter_config.json`` + ``adapter_model.safetensors``,
   the processor, and ``stagerl_lora.json`` naming the base weights. When the base has no path of its
   own (a tiny random model) the base weights are written beside the adapter, in ``base_model/``.
@@ -32,7 +32,8 @@ BASE_SUBDIR = "base_model"
 
 
 class JanusReferenceView:
-    """The LoRA reference policy: the same weights with the adapter disabled (platform.md, peft).
+    """The LoRA reference policy: the same weights with the adapter disabled (docs/development.md,
+    "LoRA through peft").
 
     Not an ``nn.Module`` on purpose: it owns no parameters, so ``reference.requires_grad_(False)``
     or ``.to(device)`` by a trainer cannot touch the policy's adapter weights. ``bind(module)`` lets

@@ -1,8 +1,9 @@
 """A tiny, randomly initialised Janus for offline tests and smoke runs.
 
-Real Janus-Pro weights cannot be downloaded on the CI machines (shared/docs/platform.md), so tests
+Real Janus-Pro weights cannot be downloaded on the CI machines (docs/development.md), so tests
 build the *real* transformers classes (``JanusForConditionalGeneration``, ``JanusProcessor``) at a
-toy size. The constraints the sizes must satisfy were measured and are listed in platform.md:
+toy size. The constraints the sizes must satisfy were measured (docs/development.md, "Tiny random
+Janus for tests"):
 
 - ``num_image_tokens == (vision image_size // patch_size) ** 2`` (the grid side is ``image_size //
   patch_size``; ``JanusConfig`` copies it into ``vq_config.num_patches``);
@@ -12,7 +13,7 @@ toy size. The constraints the sizes must satisfy were measured and are listed in
 - decoded pixels = grid * 2 ** (len(channel_multiplier) - 1).
 
 The tokenizer is a byte-level BPE trained in milliseconds on a handful of strings, plus the special
-tokens Janus' processor expects (platform.md, "A tokenizer offline"). Byte-level means any prompt can
+tokens Janus' processor expects (docs/development.md). Byte-level means any prompt can
 be encoded, whatever the training strings were.
 """
 

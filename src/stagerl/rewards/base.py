@@ -1,4 +1,4 @@
-"""One reward signature, a registry, and weighted combination (architecture.md, principle 7).
+"""One reward signature, a registry, and weighted combination (docs/design.md §7).
 
 Every reward is a callable ``(images, prompts, metadata) -> RewardOutput``:
 - ``images``: N RGB ``PIL.Image`` objects;

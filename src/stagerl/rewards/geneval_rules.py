@@ -1,4 +1,4 @@
-"""GenEval's rules, written once, for any detection back end (shared docs/geneval.md).
+"""GenEval's rules, written once, for any detection back end (docs/geneval.md).
 
 Back ends turn an image into :class:`Detection` objects:
 - exact: the shapes world (``stagerl.worlds.shapes.detect``) knows what it drew;

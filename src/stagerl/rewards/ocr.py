@@ -1,7 +1,7 @@
 """OCR reward: does the image show the prompt's quoted text?
 
 Back end: rapidocr, whose PP-OCR ONNX weights ship inside its wheel, so it runs offline
-(platform.md, "Offline reward models").
+(docs/development.md, "Offline reward models").
 
 Reward, following Flow-GRPO's ``flow_grpo/ocr.py`` (used by the STAGE paper for its OCR task):
 - target = the quoted part of the prompt ('...', "..." or “...”); ``metadata["text"]`` wins if set;

@@ -4,7 +4,7 @@ Two verdicts per image:
 - **lenient**: GenEval's rules alone, on the exact detector's detections;
 - **strict** (the default reward): lenient, and also no unrequested objects (a clean object that no
   include clause asked for, beyond the requested counts) and no fragments (components that are not
-  clean shapes). Issue 3 measured why: lenient rules let an untrained model that paints clutter
+  clean shapes). The reason, measured: lenient rules let an untrained model that paints clutter
   pass ~25 % of prompts; strict scores it 0 %.
 """
 

@@ -6,7 +6,7 @@ warmup + cosine decay, 10 % prompt dropout to the null prompt (so CFG works, as 
 EMA of the weights (the EMA is what gets saved and evaluated). Then sample the held-out "test"
 split under CFG and score it with the exact evaluator (strict and lenient per-category tables).
 
-The default budget is sized to land the base model where RL has room to improve (issue 3: strict
+The default budget is sized to land the base model where RL has room to improve (the target: strict
 overall 0.30-0.65 on held-out prompts, counting/position/colour attribution below single object)
 within 15 minutes on 2 CPU cores; see assets/shapes/MODEL_CARD.md for the measured run.
 """
@@ -55,7 +55,7 @@ class PretrainConfig:
 
     seed: int = _f(0, "Seed for data generation, initialisation, batch order and prompt dropout.")
     train_examples: int = _f(20000, "Renders of the world's 'train' split the model learns from.")
-    codebook_size: int = _f(512, "K: most frequent actual patches kept by the tokenizer (issue 3: "
+    codebook_size: int = _f(512, "K: most frequent actual patches kept by the tokenizer ("
                             "~512; the default world has only ~420 distinct ones).")
     patch: int = _f(4, "Patch side in pixels; token grid = canvas / patch per side (32/4 = 8x8).")
     d_model: int = _f(128, "Transformer width.")
@@ -63,7 +63,7 @@ class PretrainConfig:
     n_heads: int = _f(4, "Attention heads.")
     mlp_hidden: int = _f(352, "SwiGLU hidden width (~8/3 d_model, Llama's ratio).")
     prompt_len: int = _f(16, "T: prompt slots; longer prompts keep their first T words.")
-    steps: int = _f(1000, "Optimizer steps (issue 3 measured ~800 -> strict 0.37, ~2,200 -> 0.59; "
+    steps: int = _f(1000, "Optimizer steps (measured: ~800 -> strict 0.37, ~2,200 -> 0.59; "
                     "1,000 lands in the 0.30-0.65 band, see assets/shapes/MODEL_CARD.md).")
     batch_size: int = _f(64, "Sequences per optimizer step.")
     lr: float = _f(1e-3, "Peak AdamW learning rate (linear warmup, cosine decay to 10 % of it).")
@@ -77,7 +77,7 @@ class PretrainConfig:
     eval_prompts: int = _f(240, "Held-out 'test' split prompts for the final evaluation (a "
                            "multiple of 6 gives every category the same count).")
     eval_images_per_prompt: int = _f(4, "Images sampled per evaluation prompt.")
-    eval_cfg_scales: list[float] = _f([1.5, 2.0, 2.5, 3.0], "CFG scales to evaluate at (issue 3: "
+    eval_cfg_scales: list[float] = _f([1.5, 2.0, 2.5, 3.0], "CFG scales to evaluate at ("
                                       "1.5-3 suit this model); the card recommends the best.")
     eval_seed: int = _f(1234, "Seed of the test-split prompts and of sampling at evaluation.")
     threads: int = _f(0, "torch intra-op threads for this run; 0 = leave torch's default.")

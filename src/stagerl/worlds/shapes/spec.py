@@ -1,7 +1,7 @@
 """The shapes world's configuration: canvas, palette, shapes, counts, relations, held-out rules.
 
 The shapes world is the project's embedded benchmark: procedural images whose content is
-known exactly, scored with GenEval's rules (shared docs/geneval.md) by an exact detector. Every knob
+known exactly, scored with GenEval's rules (docs/geneval.md) by an exact detector. Every knob
 lives in :class:`WorldSpec`, so harder variants (bigger canvas, more colours, more objects) are one
 config line away when the default saturates.
 

@@ -5,7 +5,7 @@ tokens (32 x 32 canvas, p = 4: 8 x 8 = 64 tokens). The codebook is the K most fr
 patches of the training renders; encoding picks the nearest codebook patch (L2 in pixel space) and
 decoding is a table lookup.
 
-Why not k-means or a learned VQ-VAE: issue 3 measured that k-means centroids blur edges and colours
+Why not k-means or a learned VQ-VAE: in our measurements k-means centroids blur edges and colours
 (the exact evaluator passed only 28-78 % of their reconstructions) and a small VQ-VAE collapsed to
 32 used codes. Real patches keep saturated colours and crisp edges, so >= 99 % of reconstructions
 pass (the default world has only ~420 distinct patches, so there reconstruction is exact).
