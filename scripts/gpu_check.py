@@ -96,7 +96,8 @@ def run_engines(engines: list[str], dry: bool, work: Path) -> dict:
                str(ROOT / "configs" / "janus_tiny_test.yaml"), f"model.path={model_dir}",
                "model.tiny_random=false", f"model.dtype={dtype}",
                f"run.mixed_precision={precision}", f"run.out_dir={work / 'runs'}",
-               f"run.name={engine}", "log.image_every=0"]
+               f"run.name={engine}", "log.image_every=0",
+               "sampling.reuse_sample_stats=false"]  # teacher-force too: log the gap
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                               env={**os.environ, "WORLD_SIZE": "1"})

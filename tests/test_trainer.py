@@ -60,7 +60,8 @@ def test_smoke_two_steps_change_every_parameter_not_the_reference(tmp_path, tiny
         return pair
 
     monkeypatch.setattr(trainer_mod, "build_policy", spy)
-    cfg = _cfg(tmp_path, tiny_model_dir)
+    # the second teacher-forced pass on, so that the adapter's sample/teacher-forcing gap is logged
+    cfg = _cfg(tmp_path, tiny_model_dir, "sampling.reuse_sample_stats=false")
     result = trainer_mod.train(cfg)
     rows = _rows(result.run_dir)
     assert [r["step"] for r in rows] == [1, 2]

@@ -86,6 +86,11 @@ class SamplingConfig:
                            "branch detached.", choices=("cond", "cfg"))
     logprob_chunk: int = _f(0, "Positions per chunk when computing log-probs/entropies, so that "
                             "[N, L, V] fp32 is never materialised at once; 0 = all at once.", min=0)
+    reuse_sample_stats: bool = _f(True, "Take the rollout's old log-probs and entropies from the "
+                                  "sampling pass, which already computes the scored distribution, "
+                                  "instead of a second teacher-forced pass of the policy (same "
+                                  "values; tests/test_rollout_reuse.py). false = recompute them "
+                                  "and log rollout/logprob_gap (a check of the adapter).")
     micro_batch: int = _f(0, "Sequences per forward pass in rollout and update; 0 = the whole "
                           "local batch.", min=0)
 

@@ -93,7 +93,8 @@ def _teacher_forced(model: Any, inputs: PromptInputs, tokens: torch.Tensor, cfg:
 @torch.no_grad()
 def generate(policy: Any, items: list[PromptItem], first_group: int, group_size: int,
              params: SamplingParams, seed: int, micro: int = 0):
-    """Sample G sequences per prompt -> (inputs [N, T], tokens [N, L], scored log-probs [N, L]).
+    """Sample G sequences per prompt -> (inputs [N, T], tokens [N, L], scored log-probs [N, L],
+    scored entropies [N, L]).
 
     Group k's randomness comes from (seed, its global index ``first_group + k``) only, so the
     tokens do not depend on the process layout, the micro-batching or the device
@@ -105,12 +106,13 @@ def generate(policy: Any, items: list[PromptItem], first_group: int, group_size:
     noise = group_noise([mix_seed(seed, first_group + k) for k in range(len(items))], group_size,
                         policy.num_image_tokens).to(device)  # [N, L]
     micro = micro or len(prompts)
-    toks, lps = [], []
+    toks, lps, ents = [], [], []
     for s in range(0, len(prompts), micro):
         out = policy.sample(inputs.select(slice(s, s + micro)), params, noise=noise[s:s + micro])
         toks.append(out.tokens)
         lps.append(out.logprobs.float())
-    return inputs, torch.cat(toks), torch.cat(lps)
+        ents.append(out.entropy.float())
+    return inputs, torch.cat(toks), torch.cat(lps), torch.cat(ents)
 
 
 def rollout(policy: Any, reference: Any | None, items: list[PromptItem], first_group: int,
@@ -125,11 +127,15 @@ def rollout(policy: Any, reference: Any | None, items: list[PromptItem], first_g
     params = SamplingParams(cfg.sampling.cfg_scale, cfg.sampling.temperature, cfg.sampling.top_k,
                             cfg.sampling.top_p, cfg.sampling.logprob_mode)
     t0 = time.perf_counter()
-    inputs, tokens, sample_lp = generate(policy, items, first_group, G, params, seed,
-                                         cfg.sampling.micro_batch)
+    inputs, tokens, old_lp, entropy = generate(policy, items, first_group, G, params, seed,
+                                               cfg.sampling.micro_batch)
     t1 = time.perf_counter()
     micro = cfg.sampling.micro_batch or len(tokens)
-    old_lp, entropy = _teacher_forced(train_forward or policy, inputs, tokens, cfg, micro)
+    gap = None
+    if not cfg.sampling.reuse_sample_stats:  # a second, teacher-forced pass of the policy
+        sample_lp = old_lp
+        old_lp, entropy = _teacher_forced(train_forward or policy, inputs, tokens, cfg, micro)
+        gap = float((sample_lp - old_lp).abs().max())
     ref_lp = ref_ent = None
     if reference is not None:
         ref_lp, ref_ent = _teacher_forced(reference, inputs, tokens, cfg, micro)
@@ -146,7 +152,8 @@ def rollout(policy: Any, reference: Any | None, items: list[PromptItem], first_g
                            rewards.names, [md.get("tag") for md in metadata])
     ro = Rollout(prompts, metadata, group_index, inputs, tokens, old_lp, entropy, ref_lp, ref_ent,
                  code_emb, images, valid, scores, metrics=dict(scores.metrics))
-    ro.metrics["rollout/logprob_gap"] = float((sample_lp - old_lp).abs().max())
+    if gap is not None:
+        ro.metrics["rollout/logprob_gap"] = gap
     if ref_lp is not None:
         ro.metrics["policy/kl_k3"] = float(algo.kl_divergence(old_lp, ref_lp, "k3").mean())
     ro.metrics.update({"perf/sample_s": t1 - t0, "perf/logprob_decode_s": t2 - t1,

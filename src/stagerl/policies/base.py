@@ -1,4 +1,4 @@
-"""The narrow adapter every policy sits behind (architecture.md, principle 6).
+"""The narrow adapter every policy sits behind (docs/design.md §6).
 
 The trainer never reaches into a model's submodules: it only calls what is declared here. Both the
 built-in shapes-world model (`policies/tiny.py`) and Janus-Pro (`policies/janus.py`) implement it.
@@ -71,6 +71,7 @@ class SampleOutput:
     tokens: torch.Tensor  # [N, L] int64 sampled image-token ids
     logprobs: torch.Tensor  # [N, L] fp32 log-prob of each token under the *scored* distribution
     behaviour_logprobs: torch.Tensor  # [N, L] fp32 log-prob under the *behaviour* distribution
+    entropy: torch.Tensor  # [N, L] fp32 entropy of the full *scored* distribution at each step
 
 
 class TokenStats(NamedTuple):
@@ -89,7 +90,8 @@ class Policy(Protocol):
     """What the trainer needs from a model. Implementations are ``torch.nn.Module`` subclasses.
 
     ``forward`` is the teacher-forced computation, so that DDP/FSDP wrap and synchronise it
-    (platform.md: gradients are synced only for computation that runs through the wrapped forward).
+    (docs/development.md, "Multi-process on CPU": gradients are synced only for computation that
+    runs through the wrapped forward).
     """
 
     @property

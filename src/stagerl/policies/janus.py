@@ -257,6 +257,7 @@ class JanusPolicy(nn.Module):
         tokens = torch.zeros(n, length, dtype=torch.long, device=ids.device)  # [N, L]
         scored = torch.zeros(n, length, device=ids.device)  # [N, L]
         behaviour = torch.zeros(n, length, device=ids.device)  # [N, L]
+        entropy = torch.zeros(n, length, device=ids.device)  # [N, L]
         for i in range(length):
             out = lm(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True)
             cache = out.cache
@@ -269,13 +270,14 @@ class JanusPolicy(nn.Module):
                        None if noise is None else noise[:, i])  # [N]
             tokens[:, i] = nxt
             behaviour[:, i] = torch.log_softmax(beh, -1).gather(-1, nxt[:, None]).squeeze(-1)
-            scored[:, i] = token_stats(scored_logits(cond, unc, params.logprob_mode,
-                                                     params.cfg_scale, params.temperature),
-                                       nxt)[0]
+            scored[:, i], entropy[:, i] = token_stats(
+                scored_logits(cond, unc, params.logprob_mode, params.cfg_scale,
+                              params.temperature), nxt)
             step_ids = torch.cat([nxt, nxt]) if guided else nxt
             embeds = self._image_embeddings(step_ids[:, None])  # [B, 1, H]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        return SampleOutput(tokens=tokens, logprobs=scored, behaviour_logprobs=behaviour)
+        return SampleOutput(tokens=tokens, logprobs=scored, behaviour_logprobs=behaviour,
+                            entropy=entropy)
 
     # ---- images and codes -----------------------------------------------------------------------
     @torch.no_grad()

@@ -314,6 +314,7 @@ class TinyPolicy(nn.Module):
         tokens = torch.zeros(n, n_tok, dtype=torch.long, device=dev)
         scored = torch.zeros(n, n_tok, device=dev)
         behaviour = torch.zeros(n, n_tok, device=dev)
+        entropy = torch.zeros(n, n_tok, device=dev)
         cache = (_KVCache(self.config, ids.shape[0], self.config.prompt_len + n_tok - 1,
                           self.pos_emb) if use_cache else None)
         empty = torch.zeros(ids.shape[0], 0, dtype=torch.long, device=dev)
@@ -338,7 +339,9 @@ class TinyPolicy(nn.Module):
             tokens[:, t] = tok[:, 0]
             scored[:, t] = lp_scored.gather(-1, tok)[:, 0]
             behaviour[:, t] = lp_beh.gather(-1, tok)[:, 0]
-        return SampleOutput(tokens=tokens, logprobs=scored, behaviour_logprobs=behaviour)
+            entropy[:, t] = -(lp_scored.exp() * lp_scored).sum(-1)
+        return SampleOutput(tokens=tokens, logprobs=scored, behaviour_logprobs=behaviour,
+                            entropy=entropy)
 
     # ---- protocol: codes and images ------------------------------------------------------------
     def code_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
