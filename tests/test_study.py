@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,10 +155,114 @@ def test_plans_and_configs(tmp_path):
     assert cfgs["stage"].algo.reweight and not cfgs["vanilla_grpo"].algo.reweight
     assert cfgs["wo_ent_kl"].algo.beta == 0 and cfgs["wo_ent_kl"].algo.entropy_reward == "off"
     long = study_mod.run_config(full, tmp_path, "stage", 0, "long")
-    lr = study_mod.run_config(full, tmp_path, "stage", 0, "lr_x4")
+    lr = study_mod.run_config(full, tmp_path, "stage", 0, lr_mult=4)
     assert long.run.steps == 3 * cfgs["stage"].run.steps
     assert lr.optim.lr == pytest.approx(4 * cfgs["stage"].optim.lr)
+    assert lr.run.name == "stage-lr4-s0" and long.run.name == "stage-long-s0"
     assert study_mod.run_config(full, tmp_path, "vanilla_grpo", 0, "no_kl").algo.beta == 0
+    lenient = study_mod.run_config(full, tmp_path, "plus_ent", 1, "lenient", 2.0)
+    assert list(lenient.reward.names) == ["shapes_lenient"] and lenient.run.name == \
+        "plus_ent-lenient-lr2-s1"
+    assert lenient.optim.lr == pytest.approx(2 * cfgs["plus_ent"].optim.lr)
+    norm = study_mod.run_config(full, tmp_path, "stage", 0, "token_norm")
+    assert norm.algo.loss_agg == "token_mean" and cfgs["stage"].algo.loss_agg == \
+        "group_weighted_mean"
+    # Jobs: each run once, compared rows first; an aggregation-only condition retrains STAGE only.
+    plan = study_mod.StudyPlan(conditions=["lenient", "token_norm"], lr_sweep=[2.0, 4.0])
+    jobs = study_mod.plan_jobs(plan)
+    names = [j.name for j in jobs]
+    assert len(names) == len(set(names)) == 9 + 9 + 3 + 18 + 6
+    assert names[:9] == [f"{r}-s{s}" for r in study_mod.COMPARE_ROWS for s in range(3)]
+    assert [n for n in names if "token_norm" in n] == [f"stage-token_norm-s{s}" for s in range(3)]
+    assert names[-6:] == [f"{r}-s{s}" for r in ("wo_kl", "wo_ent_kl") for s in range(3)]
+    with pytest.raises(Exception, match="sweep in main"):
+        study_mod.plan_jobs(study_mod.StudyPlan(conditions=["token_norm"], lr_sweep=[2.0],
+                                                sweep_in=["token_norm"]))
     with pytest.raises(Exception, match="no config for row"):
         study_mod.run_config(full, tmp_path, "nope", 0)
     assert main(["study", "--rows", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_a_run_is_reused_when_only_new_or_removed_fields_differ(tmp_path):
+    from omegaconf import OmegaConf
+
+    from stagerl.config import to_yaml
+
+    cfg = study_mod.run_config(study_mod.StudyPlan(), tmp_path, "stage", 0)
+    resolved = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))
+    assert study_mod._same_run({"resolved": resolved}, cfg)
+    older = copy.deepcopy(resolved)
+    del older["model"]["dtype"]  # a field the config gained since the run was trained
+    older["algo"]["gone"] = 1  # a field it lost
+    assert study_mod._same_run({"resolved": older}, cfg)
+    older["optim"]["lr"] = 2 * cfg.optim.lr  # a field both know, with another value
+    assert not study_mod._same_run({"resolved": older}, cfg)
+
+
+def test_frontier_helpers_interpolate_at_matched_kl():
+    from stagerl.study_report import _score_at_kl, frontier_levels, matched_kl
+
+    def run(kls, scores):
+        return {"curve": [{"step": 10 * i, "kl": k, "heldout": s}
+                          for i, (k, s) in enumerate(zip(kls, scores))]}
+
+    r = run([0.0, 0.02, 0.04], [0.5, 0.6, 0.8])
+    assert _score_at_kl(r["curve"], 0.01) == pytest.approx(0.55)
+    assert _score_at_kl(r["curve"], 0.03) == pytest.approx(0.7)
+    assert _score_at_kl(r["curve"], 0.05) is None  # never reached
+    # Not monotone: the first crossing counts.
+    assert _score_at_kl(run([0.0, 0.04, 0.02], [0.5, 0.9, 0.1])["curve"], 0.02) == \
+        pytest.approx(0.7)
+    by_row = {"vanilla_grpo": {1.0: [run([0, 0.02, 0.04], [0.5, 0.6, 0.7])] * 2,
+                               2.0: [run([0, 0.04, 0.08], [0.5, 0.6, 0.9])] * 2},
+              "stage": {1.0: [run([0, 0.01, 0.02], [0.5, 0.7, 0.8])] * 2,
+                        2.0: [run([0, 0.02, 0.06], [0.5, 0.85, 0.6])] * 2}}
+    # STAGE's lr x2 seeds reach 0.06, vanilla's lr x2 reach 0.08: the levels stop at 0.06.
+    assert frontier_levels(by_row) == pytest.approx([0.015, 0.03, 0.045, 0.06])
+    got = matched_kl(by_row, 0.02)
+    assert got["vanilla_grpo"][0] == 1.0 and got["vanilla_grpo"][1] == pytest.approx([0.6, 0.6])
+    assert got["stage"][0] == 2.0 and got["stage"][1] == pytest.approx([0.85, 0.85])
+
+
+def test_conditions_sweep_frontier_shards_and_jobs(tmp_path, model_dir, monkeypatch):
+    out, docs = tmp_path / "study", tmp_path / "docs"
+    extra = ["--rows", "vanilla_grpo,plus_ent,stage", "--seeds", "2", "--conditions",
+             "lenient,token_norm", "--lr-sweep", "2", "--sweep-seeds", "1"]
+    # Two shards split the runs and write no report; the full invocation then trains nothing.
+    for shard in ("0/2", "1/2"):
+        assert main(_args(model_dir, out, docs, *extra, "--shard", shard)) == 0
+    assert not (out / "summary.json").exists() and not docs.exists()
+    monkeypatch.setattr(study_mod, "train", lambda cfg: pytest.fail("retrained"))
+    assert main(_args(model_dir, out, docs, *extra)) == 0
+    monkeypatch.undo()
+    summary = json.loads((out / "summary.json").read_text())
+    names = sorted(Path(r["run_dir"]).name for r in summary["runs"])
+    assert names == sorted([f"{r}-s{s}" for r in study_mod.COMPARE_ROWS for s in (0, 1)]
+                           + [f"{r}-lenient-s{s}" for r in study_mod.COMPARE_ROWS for s in (0, 1)]
+                           + [f"stage-token_norm-s{s}" for s in (0, 1)]
+                           + [f"{r}-lr2-s0" for r in study_mod.COMPARE_ROWS])
+    for r in summary["runs"]:  # before, one in-run evaluation, after; KL 0 at the start
+        assert [p["step"] for p in r["curve"]] == [0, 1, 2] and r["curve"][0]["kl"] == 0
+        assert all(p["kl"] >= 0 for p in r["curve"])
+    md = (docs / "results.md").read_text()
+    for heading in ("## Drift setting `lenient`", "vanilla GRPO − base model",
+                    "## Learning-rate sweep and the reward-KL frontier", "lr x2",
+                    "at matched KL", "token_norm", "STAGE − vanilla GRPO per condition"):
+        assert heading in md, heading
+    assert (docs / "results_frontier.png").stat().st_size > 1000
+    assert "--lr-sweep 2" in md and "--shard" not in md
+
+
+def test_jobs_run_in_worker_processes(tmp_path, model_dir, monkeypatch):
+    out = tmp_path / "study"
+    args = ["study", "--model", str(model_dir), "--out", str(out), "--docs", str(tmp_path / "d"),
+            "--steps", "1", "--eval-prompts", "2", "--eval-images", "1", "--curve-points", "0",
+            "--set", "sampling.prompts_per_step=2", "sampling.group_size=2", "--rows", "stage",
+            "--compare-rows", "stage", "--seeds", "2"]
+    assert main([*args, "--jobs", "2"]) == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert sorted(r["seed"] for r in first["runs"]) == [0, 1]
+    monkeypatch.setattr(study_mod, "train", lambda cfg: pytest.fail("retrained"))
+    assert main(args) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert [r["eval"] for r in again["runs"]] == [r["eval"] for r in first["runs"]]

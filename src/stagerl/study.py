@@ -83,10 +83,10 @@ class StudyPlan:
 
     rows: list[str] = field(default_factory=lambda: list(ROWS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    # Training steps of every run; 0 = the config's run.steps. The full study uses 100 steps of the
-    # main job's P=8 x G=8 (half its 200 steps) so that 15 runs and their evaluations fit the
-    # 60-minute budget on 2 cores (docs/study.md).
-    steps: int = 100
+    # Training steps of every run; 0 = the config's run.steps. The full study uses 80 steps of the
+    # main job's P=8 x G=8 (its 200 steps would not fit): 15 runs and their evaluations then fit
+    # the 60-minute budget on 2 cores, and the sweep fits beside them (docs/study.md).
+    steps: int = 80
     overrides: list[str] = field(default_factory=list)  # applied to every run
     model: str = "builtin:shapes"
     config_dir: str = "configs/ablations"
@@ -95,8 +95,9 @@ class StudyPlan:
     # The held-out suite evaluated during training (the frontier's y axis). "phrasings" measures
     # all six tags; on "compositions" colors and color_attr are 0 for every model (docs/study.md).
     curve_suite: str = "phrasings"
-    curve_points: int = 4  # in-run evaluations (plus before and after)
-    curve_prompts: int = 48
+    # In-run evaluations (plus before and after): the points of the reward-KL frontier.
+    curve_points: int = 7
+    curve_prompts: int = 96
     curve_images: int = 2
     quality_ref_examples: int = 2000  # ground-truth "train" renders for the code histogram
     grid_prompts: int = 6
@@ -286,9 +287,9 @@ def evaluate_model(policy: Any, base: Any | None, out_dir: Path, plan: StudyPlan
 
 
 def plan_jobs(plan: StudyPlan) -> list[Job]:
-    """Every run of the plan, each once: the rows, the conditions, then the sweep (in that order,
-    so an interrupted study has finished the rows first)."""
-    jobs = [Job(r, s) for r in plan.rows for s in plan.seeds]
+    """Every run of the plan, each once, most needed first (an interrupted study has finished
+    those): the compared rows, the conditions, the sweep, then the other rows."""
+    jobs = [Job(r, s) for r in plan.rows if r in plan.compare_rows for s in plan.seeds]
     for c in plan.conditions:
         rows = [r for r in plan.compare_rows if r in CONDITIONS[c].get("rows", plan.compare_rows)]
         jobs += [Job(r, s, c) for r in rows for s in plan.seeds[:plan.condition_seeds]]
@@ -300,6 +301,7 @@ def plan_jobs(plan: StudyPlan) -> list[Job]:
         for m in [1.0, *plan.lr_sweep]:
             jobs += [Job(r, s, cond, m) for r in plan.compare_rows
                      for s in plan.seeds[:plan.sweep_seeds]]
+    jobs += [Job(r, s) for r in plan.rows for s in plan.seeds]
     return list(dict.fromkeys(jobs))
 
 
@@ -420,7 +422,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", default=",".join(ROWS),
                         help="comma list of ablation rows (default: all five)")
     parser.add_argument("--steps", type=int_arg(1), default=None,
-                        help="training steps of every run (default: 100; 12 with --quick)")
+                        help="training steps of every run (default: 80; 12 with --quick)")
     parser.add_argument("--model", default="builtin:shapes",
                         help="base model directory (default: %(default)s)")
     parser.add_argument("--configs", default="configs/ablations",
@@ -447,11 +449,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-seeds", type=int_arg(1), default=None,
                         help="seeds per sweep run, at most --seeds (default: --seeds)")
     parser.add_argument("--curve-points", type=int_arg(0), default=None,
-                        help="held-out evaluations during training, 0 = none (default: 4; 2 with "
+                        help="held-out evaluations during training, 0 = none (default: 7; 2 with "
                              "--quick)")
     parser.add_argument("--curve-prompts", type=int_arg(1), default=None,
-                        help="prompts of each in-training evaluation (default: 48; 24 with "
-                             "--quick)")
+                        help="prompts of each in-training evaluation, at most --eval-prompts "
+                             "(default: 96; 24 with --quick)")
     parser.add_argument("--jobs", type=int_arg(1), default=1,
                         help="runs trained at once, one process and one thread each (default: "
                              "%(default)s)")

@@ -1,4 +1,4 @@
-"""docs/results.md, plots and the image grid of a ``stagerl study`` summary (issue 7 §3-§4).
+"""docs/results.md, plots and the image grid of a ``stagerl study`` summary (docs/study.md).
 
 Everything here is generated from ``OUT/summary.json`` and the run folders; no number is typed in by
 hand. Comparisons use the seed-to-seed spread: a difference d between two rows' means is called
@@ -66,11 +66,24 @@ def flat_metrics(ev: dict[str, Any]) -> dict[str, float]:
 
 
 def group_runs(summary: dict[str, Any]) -> dict[tuple[str, str | None], list[dict[str, float]]]:
-    """(row, condition) -> per-seed flat metrics."""
+    """(row, condition) -> per-seed flat metrics, at the plan's learning rate (no sweep runs)."""
     groups: dict[tuple[str, str | None], list[dict[str, float]]] = {}
     for r in summary["runs"]:
-        groups.setdefault((r["row"], r["condition"]), []).append(flat_metrics(r["eval"]))
+        if r.get("lr_mult", 1.0) == 1.0:
+            groups.setdefault((r["row"], r["condition"]), []).append(flat_metrics(r["eval"]))
     return groups
+
+
+def _with_main(groups: dict, row: str, cond: str | None) -> list[dict[str, float]] | None:
+    """A row's runs in a condition; a condition that does not retrain the row (it cannot change
+    it, see study.CONDITIONS "rows") falls back on the main runs."""
+    from stagerl.study import CONDITIONS
+
+    if (row, cond) in groups:
+        return groups[(row, cond)]
+    if cond is not None and row not in CONDITIONS[cond].get("rows", [row]):
+        return groups.get((row, None))
+    return None
 
 
 def stats(values: list[float]) -> tuple[float, float, int]:
@@ -161,7 +174,7 @@ def _sentence(label: str, c: dict[str, Any], a_name: str, b_name: str) -> str:
 
 
 def findings(summary: dict, groups: dict) -> list[str]:
-    """The paper's claims (method.md §7) checked one by one, with numbers."""
+    """The paper's claims (docs/study.md, "Reading the results") checked one by one, with numbers."""
     base = flat_metrics(summary["base"])
     lines = []
     grpo, stage = groups.get(("vanilla_grpo", None)), groups.get(("stage", None))
@@ -183,35 +196,235 @@ def findings(summary: dict, groups: dict) -> list[str]:
     return lines
 
 
+def _diff_cell(a: list[float], b: list[float], hb: bool | None) -> str:
+    c = compare(a, b, hb)
+    mark = f" ({c['word']})" if c["clear"] else ""
+    k = _digits(c["d"])
+    return f"{c['d']:+.{k}f} ± {2 * c['se']:.{k}f}{mark}"
+
+
 def conditions_section(summary: dict, groups: dict) -> list[str]:
-    conds = summary["plan"].get("conditions") or []
+    conds = [c for c in summary["plan"].get("conditions") or [] if c not in REWARD_CONDITIONS]
     if not conds:
         return []
     from stagerl.study import CONDITIONS
 
     lines = ["## Conditions: when does a difference appear?", "",
-             "Each condition retrains vanilla GRPO and STAGE with one change; the table shows "
-             "STAGE minus vanilla GRPO (mean over seeds, ± 2 se).", ""]
-    keys = HEADLINE
+             "Each condition retrains the compared rows with one change; the table shows STAGE "
+             "minus vanilla GRPO (mean over seeds, ± 2 se). A condition that cannot change vanilla "
+             "GRPO (w = 1 makes every loss aggregation the token mean, docs/algorithm.md §5) "
+             "retrains STAGE only and is compared with the main vanilla runs.", ""]
     rows: dict[str, dict[str, str]] = {}
     for cond in [None, *conds]:
-        g, s = groups.get(("vanilla_grpo", cond)), groups.get(("stage", cond))
+        g, s = _with_main(groups, "vanilla_grpo", cond), _with_main(groups, "stage", cond)
         if not g or not s:
             continue
         name = "main study" if cond is None else f"{cond}: {CONDITIONS[cond]['help']}"
-        row = {}
-        for key, label, hb in keys:
-            c = compare([r.get(key, float("nan")) for r in s],
-                        [r.get(key, float("nan")) for r in g], hb)
-            mark = f" ({c['word']})" if c["clear"] else ""
-            k = _digits(c["d"])
-            row[label] = f"{c['d']:+.{k}f} ± {2 * c['se']:.{k}f}{mark}"
-        rows[name] = row
+        rows[name] = {label: _diff_cell(_vals(s, key), _vals(g, key), hb)
+                      for key, label, hb in HEADLINE}
     lines.append(markdown_table(rows, "STAGE − vanilla GRPO per condition"))
     for cond in conds:
         keys2 = [(k, lab) for k, lab, _ in HEADLINE]
         lines.append(f"\n**{cond}** ({CONDITIONS[cond]['help']}): absolute values\n")
         lines.append(markdown_table(_table_rows(summary, groups, keys2, condition=cond)))
+    return lines
+
+
+def _vals(runs: list[dict[str, float]], key: str) -> list[float]:
+    return [r.get(key, float("nan")) for r in runs]
+
+
+# --------------------------------------------------------------------------------------------------
+# The drift setting: trained on a reward the world can game, evaluated strictly
+
+
+REWARD_CONDITIONS = ("lenient", "partial")
+DRIFT = [("test/strict/overall", "in-distribution strict", True),
+         ("test/lenient/overall", "in-distribution lenient (trained)", True),
+         ("test/partial", "in-distribution partial credit", True),
+         ("compositions/strict/overall", "held-out compositions strict", True),
+         ("phrasings/strict/overall", "held-out phrasings strict", True),
+         ("quality/clean_pixel_frac", "clean pixel fraction", True),
+         ("quality/fragments_per_image", "fragments per image", False),
+         ("quality/speckle_px_per_image", "speckle px per image", False),
+         ("quality/code_jsd", "code JSD to pretraining", False),
+         ("quality/kl_k3", "KL to base", False),
+         ("quality/entropy_gap", "entropy gap to base", False)]
+
+
+def drift_section(summary: dict, groups: dict) -> list[str]:
+    """For each reward condition: absolute values, the drift of vanilla GRPO (vs the base model and
+    vs vanilla GRPO trained on the strict reward) and each method against vanilla GRPO."""
+    from stagerl.study import CONDITIONS
+
+    conds = [c for c in summary["plan"].get("conditions") or [] if c in REWARD_CONDITIONS]
+    lines: list[str] = []
+    base = flat_metrics(summary["base"])
+    for cond in conds:
+        van = groups.get(("vanilla_grpo", cond))
+        if not van:
+            continue
+        lines += [f"## Drift setting `{cond}`: {CONDITIONS[cond]['help']}", "",
+                  "Trained on this reward, evaluated with the strict rule and every quality "
+                  "measure (docs/study.md, \"The drift setting\").", ""]
+        keys = [(k, lab) for k, lab, _ in DRIFT]
+        rows = {LABELS["base"]: {lab: fmt([base.get(k, float("nan"))]) for k, lab in keys}}
+        main_van = groups.get(("vanilla_grpo", None))
+        if main_van:
+            rows["vanilla GRPO, strict reward (main)"] = {lab: fmt(_vals(main_van, k))
+                                                          for k, lab in keys}
+        rows.update(_table_rows(summary, groups, keys, condition=cond))
+        lines.append(markdown_table(rows, f"Absolute values, trained on `{cond}`"))
+        diffs: dict[str, dict[str, str]] = {
+            "vanilla GRPO − base model": {lab: _diff_cell(_vals(van, k), [base.get(k)], hb)
+                                          for k, lab, hb in DRIFT}}
+        if main_van:
+            diffs[f"vanilla GRPO: {cond} − strict reward"] = {
+                lab: _diff_cell(_vals(van, k), _vals(main_van, k), hb) for k, lab, hb in DRIFT}
+        for row in ("plus_ent", "stage"):
+            other = groups.get((row, cond))
+            if other:
+                diffs[f"{LABELS[row]} − vanilla GRPO"] = {
+                    lab: _diff_cell(_vals(other, k), _vals(van, k), hb) for k, lab, hb in DRIFT}
+        lines.append("")
+        lines.append(markdown_table(diffs, f"Differences (mean ± 2 se), trained on `{cond}`; "
+                                           f"(better)/(worse) only beyond 2 se"))
+        lines.append("")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# The learning-rate sweep and the reward-KL frontier
+
+
+def sweep_runs(summary: dict) -> dict[str | None, dict[str, dict[float, list[dict]]]]:
+    """setting (condition or None) -> row -> lr multiple -> runs, for the settings swept."""
+    plan = summary["plan"]
+    settings = [None if s == "main" else s for s in plan.get("sweep_in") or []]
+    rows = plan.get("compare_rows") or []
+    out: dict[str | None, dict[str, dict[float, list[dict]]]] = {}
+    for r in summary["runs"]:
+        if r["condition"] in settings and r["row"] in rows:
+            out.setdefault(r["condition"], {}).setdefault(r["row"], {}).setdefault(
+                float(r.get("lr_mult", 1.0)), []).append(r)
+    return {s: out[s] for s in settings if s in out}
+
+
+def _score_at_kl(curve: list[dict[str, float]], k: float) -> float | None:
+    """The held-out score where the run's training KL first reaches k (linear between evaluation
+    points); None when it never does."""
+    pts = [(p["kl"], p["heldout"]) for p in curve if math.isfinite(p["kl"])]
+    for (k0, s0), (k1, s1) in zip(pts, pts[1:]):
+        if k0 <= k <= k1 and k1 > k0:
+            return s0 + (s1 - s0) * (k - k0) / (k1 - k0)
+        if k0 == k:
+            return s0
+    return None
+
+
+def frontier_levels(by_row: dict[str, dict[float, list[dict]]]) -> list[float]:
+    """KL levels every method reaches: for each method, the largest KL that all seeds of one of
+    its learning rates reach; the levels are 1/4, 1/2, 3/4 and all of the smallest of those."""
+    reach = []
+    for by_lr in by_row.values():
+        best = 0.0
+        for runs in by_lr.values():
+            tops = [max((p["kl"] for p in r["curve"] if math.isfinite(p["kl"])), default=0.0)
+                    for r in runs]
+            best = max(best, min(tops) if tops else 0.0)
+        reach.append(best)
+    top = min(reach) if reach else 0.0
+    return [top * f for f in (0.25, 0.5, 0.75, 1.0)] if top > 0 else []
+
+
+def matched_kl(by_row: dict[str, dict[float, list[dict]]], k: float
+               ) -> dict[str, tuple[float, list[float]]]:
+    """row -> (best lr multiple, per-seed held-out scores at KL k): the lr whose seeds all reach k
+    with the highest mean score there."""
+    out = {}
+    for row, by_lr in by_row.items():
+        best = None
+        for m, runs in sorted(by_lr.items()):
+            vals = [_score_at_kl(r["curve"], k) for r in runs]
+            if len(vals) < 2 or any(v is None for v in vals):
+                continue
+            if best is None or np.mean(vals) > np.mean(best[1]):
+                best = (m, [float(v) for v in vals])
+        if best is not None:
+            out[row] = best
+    return out
+
+
+def best_lr(by_lr: dict[float, list[dict]], key: str) -> float:
+    """The lr multiple with the highest mean final ``key`` over seeds."""
+    return max(by_lr, key=lambda m: np.mean([flat_metrics(r["eval"]).get(key, -1.0)
+                                             for r in by_lr[m]]))
+
+
+def sweep_section(summary: dict, figures: dict[str, str]) -> list[str]:
+    sweeps = sweep_runs(summary)
+    if not sweeps:
+        return []
+    plan, cfg = summary["plan"], summary["config"]
+    curve_key = f"{plan['curve_suite']}/strict/overall"
+    lines = ["## Learning-rate sweep and the reward-KL frontier", "",
+             f"Vanilla GRPO, +Ent and STAGE at {len(next(iter(sweeps.values()))['stage'])} seeds x "
+             f"learning rates {', '.join(f'{m:g}' for m in sorted({1.0, *plan['lr_sweep']}))} x "
+             f"{cfg['lr']:g}. The frontier plots, for every run, the held-out strict score of each "
+             f"in-training evaluation ({plan['curve_prompts']} `{plan['curve_suite']}` prompts x "
+             f"{plan['curve_images']} images) against the training KL to the base model at that "
+             f"step (docs/study.md, \"The reward-KL frontier\"). \"Best lr\" is the one with the "
+             f"highest mean final `{plan['curve_suite']}` strict score (full evaluation); picking "
+             f"it on the evaluation it is judged on favours every method equally.", ""]
+    keys = [(k, lab) for k, lab, _ in HEADLINE]
+    for setting, by_row in sweeps.items():
+        name = "main setting (strict reward)" if setting is None else f"`{setting}`"
+        lines += [f"### Sweep in the {name}", ""]
+        fig = figures.get(f"frontier:{setting}")
+        if fig:
+            lines += [f"![reward-KL frontier, {name}]({fig})", ""]
+        rows: dict[str, dict[str, str]] = {}
+        for row, by_lr in by_row.items():
+            for m in sorted(by_lr):
+                rows[f"{LABELS[row]}, lr x{m:g}"] = {
+                    lab: fmt([flat_metrics(r["eval"]).get(k, float("nan")) for r in by_lr[m]])
+                    for k, lab in keys}
+        lines.append(markdown_table(rows, f"Final evaluations per learning rate, {name}"))
+        best = {row: best_lr(by_lr, curve_key) for row, by_lr in by_row.items()}
+        at_best = {row: [flat_metrics(r["eval"]) for r in by_row[row][m]]
+                   for row, m in best.items()}
+        if "vanilla_grpo" in at_best:
+            diffs = {}
+            for row in ("plus_ent", "stage"):
+                if row in at_best:
+                    diffs[f"{LABELS[row]} (lr x{best[row]:g}) − vanilla GRPO (lr "
+                          f"x{best['vanilla_grpo']:g})"] = {
+                        lab: _diff_cell(_vals(at_best[row], k), _vals(at_best["vanilla_grpo"], k),
+                                        hb) for k, lab, hb in HEADLINE}
+            lines += ["", markdown_table(diffs, f"Each method at its best learning rate, {name} "
+                                                f"(mean ± 2 se)")]
+        levels = frontier_levels(by_row)
+        if levels:
+            table: dict[str, dict[str, str]] = {}
+            for k in levels:
+                got = matched_kl(by_row, k)
+                cells = {}
+                for row in by_row:
+                    if row in got:
+                        m, vals = got[row]
+                        cells[LABELS[row]] = f"{fmt(vals)} (lr x{m:g})"
+                    else:
+                        cells[LABELS[row]] = "n/a"
+                for row in ("plus_ent", "stage"):
+                    if row in got and "vanilla_grpo" in got:
+                        cells[f"{LABELS[row]} − vanilla"] = _diff_cell(got[row][1],
+                                                                      got["vanilla_grpo"][1], True)
+                table[f"KL {k:.4f}"] = cells
+            lines += ["", markdown_table(
+                table, f"Held-out strict score at matched KL, {name}: per method the learning "
+                       f"rate with the highest mean there (mean ± std over seeds; differences "
+                       f"± 2 se)")]
+        lines.append("")
     return lines
 
 
@@ -235,7 +448,8 @@ def _timing(summary: dict) -> str:
     return text + ("; the 2 CPU cores were shared with other jobs, so times are upper bounds.")
 
 
-def render_markdown(summary: dict, command: str, figures: dict[str, str]) -> str:
+def render_markdown(summary: dict, command: str, figures: dict[str, str],
+                    frontiers: dict[str, str] | None = None) -> str:
     groups = group_runs(summary)
     plan, cfg = summary["plan"], summary["config"]
     samples = cfg["steps"] * cfg["P"] * cfg["G"]
@@ -277,6 +491,8 @@ def render_markdown(summary: dict, command: str, figures: dict[str, str]) -> str
               "column (without the entropy bonus), smoothed with a moving average. Rows without "
               "a reference model (w/o Ent & KL) log no KL or reference entropy during training; "
               "their final KL is in the quality table.", ""]
+    lines += drift_section(summary, groups)
+    lines += sweep_section(summary, frontiers or {})
     lines += conditions_section(summary, groups)
     return "\n".join(lines) + "\n"
 
@@ -331,7 +547,7 @@ def write_plots(summary: dict, docs: Path, prefix: str = "results") -> dict[str,
 
     dirs: dict[str, list[str]] = {}
     for r in summary["runs"]:
-        if r["condition"] is None:
+        if r["condition"] is None and r.get("lr_mult", 1.0) == 1.0:
             dirs.setdefault(r["row"], []).append(r["run_dir"])
     steps = summary["config"]["steps"]
     written = {}
@@ -350,12 +566,63 @@ def write_plots(summary: dict, docs: Path, prefix: str = "results") -> dict[str,
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fname = f"{prefix}_{name}.png"
         fig.savefig(docs / fname)
         plt.close(fig)
         written[title] = fname
+    return written
+
+
+def write_frontiers(summary: dict, docs: Path, prefix: str = "results") -> dict[str, str]:
+    """One reward-KL frontier PNG per swept setting: every in-training evaluation of every run as a
+    faint point, the mean over seeds per (method, lr) as a line. Returns {"frontier:<setting>":
+    file name}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = {}
+    base_score = None
+    if summary.get("base"):
+        base_score = summary["base"]["suites"].get(summary["plan"]["curve_suite"], {}) \
+            .get("strict", {}).get("overall")
+    styles = ["-", "--", ":", "-."]
+    for setting, by_row in sweep_runs(summary).items():
+        fig, ax = plt.subplots(figsize=(6.8, 4.2), dpi=110)
+        for i, (row, by_lr) in enumerate(by_row.items()):
+            color = f"C{i}"
+            for j, m in enumerate(sorted(by_lr)):
+                runs = by_lr[m]
+                for r in runs:
+                    pts = [(p["kl"], p["heldout"]) for p in r["curve"] if p["kl"] > 0]
+                    if pts:
+                        ax.scatter(*zip(*pts), s=6, color=color, alpha=0.25, lw=0)
+                steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in runs)))
+                mean = [(np.mean([p["kl"] for r in runs for p in r["curve"] if p["step"] == st]),
+                         np.mean([p["heldout"] for r in runs for p in r["curve"]
+                                  if p["step"] == st])) for st in steps if st > 0]
+                mean = [(x, y) for x, y in mean if x > 0 and math.isfinite(x)]
+                if mean:
+                    ax.plot(*zip(*mean), styles[j % len(styles)], color=color, marker="o", ms=3,
+                            lw=1.2, label=f"{LABELS.get(row, row)}, lr x{m:g}")
+        if base_score is not None:
+            ax.axhline(base_score, color="gray", lw=0.8, ls="--", label="base model")
+        ax.set_xscale("log")
+        ax.set_xlabel("training KL to the base (k3 / token, log scale)")
+        ax.set_ylabel(f"held-out strict ({summary['plan']['curve_suite']})")
+        name = "main setting" if setting is None else setting
+        ax.set_title(f"Reward-KL frontier, {name}: in-training evaluations", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fname = f"{prefix}_frontier{'' if setting is None else '_' + setting}.png"
+        fig.savefig(docs / fname)
+        plt.close(fig)
+        written[f"frontier:{setting}"] = fname
     return written
 
 
@@ -371,7 +638,8 @@ def write_grid(summary: dict, docs: Path, out: Path, prefix: str = "results") ->
     seed0 = plan["seeds"][0]
     models = [("base model", plan["model"])]
     for r in summary["runs"]:
-        if r["condition"] is None and r["seed"] == seed0 and r["row"] in ("vanilla_grpo", "stage"):
+        if r["condition"] is None and r.get("lr_mult", 1.0) == 1.0 and r["seed"] == seed0 \
+                and r["row"] in ("vanilla_grpo", "stage"):
             models.append((f"{LABELS[r['row']]} (seed {seed0})", str(Path(r["run_dir"]) / "final")))
     if len(models) < 2:
         return None
@@ -412,12 +680,14 @@ def write_report(summary: dict, docs: str | Path, out: str | Path, command: str,
     docs, out = Path(docs), Path(out)
     docs.mkdir(parents=True, exist_ok=True)
     figures = {title: fname for title, fname in write_plots(summary, docs, prefix).items()}
+    frontiers = write_frontiers(summary, docs, prefix)
     grid = write_grid(summary, docs, out, prefix)
-    text = render_markdown(summary, command, figures)
+    text = render_markdown(summary, command, figures, frontiers)
     if grid:
         text += ("\n## Image grid\n\nSame prompts (three in-distribution, three held-out "
                  "compositions) and sampling seeds for every model; columns are "
                  f"{summary['plan']['grid_images']} samples per prompt.\n\n![grid]({grid})\n")
     md = docs / f"{prefix}.md"
     md.write_text(text)
-    return [md] + [docs / f for f in figures.values()] + ([docs / grid] if grid else [])
+    return [md] + [docs / f for f in [*figures.values(), *frontiers.values()]] + \
+        ([docs / grid] if grid else [])
