@@ -8,6 +8,10 @@ same seeded generator (so they draw the same tokens), at:
 
 Prints images per second for each and the ratio; states the torch thread count used.
 
+Second table: our Janus CFG sampler (stagerl.policies.janus) against transformers' own
+``generate(generation_mode="image")`` on the tiny random Janus, same prompts and seed (``top_k=0``):
+images per second, the ratio (goal: ours at least as fast) and whether the tokens agree.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rollout.py [--threads 1] [--batch 16]
 """
 
@@ -70,6 +74,45 @@ def main() -> None:
             t_full, b = time_sampling(model, prompts, False, args.repeats)
         print(f"{grid}x{grid:<4} {grid * grid:>6} {args.batch / t_cache:>12.1f} "
               f"{args.batch / t_full:>15.1f} {t_full / t_cache:>8.2f}x {bool(torch.equal(a, b))}")
+    janus_vs_generate(args.batch, max(args.repeats, 3))
+
+
+def janus_vs_generate(batch: int, repeats: int) -> None:
+    """Our Janus sampler vs ``generate(generation_mode="image")`` on the tiny random Janus."""
+    from stagerl.policies.janus import JanusPolicy
+    from stagerl.policies.janus_tiny import build_tiny_janus
+
+    prompts = [e.prompt for e in generate(batch, 0, split="test")]
+    print(f"\nJanus (tiny random), batch {batch}, CFG 5, best of {repeats}")
+    print(f"{'sampler':>28} {'img/s':>8}")
+    for grid in (8, 16):
+        policy = JanusPolicy(*build_tiny_janus(grid=grid))
+        inputs = policy.encode_prompts(prompts)
+
+        def ours():
+            torch.manual_seed(123)
+            return policy.sample(inputs, SamplingParams(cfg_scale=5.0)).tokens
+
+        def theirs():
+            torch.manual_seed(123)
+            return policy.core.generate(inputs=inputs.cond_ids, attention_mask=inputs.cond_mask,
+                                        generation_mode="image", do_sample=True, top_k=0,
+                                        guidance_scale=5.0)
+
+        with torch.inference_mode():
+            ours(), theirs()  # warm-up
+            t_ours, t_theirs = float("inf"), float("inf")
+            for _ in range(repeats):  # interleaved, so both see the same machine load
+                t0 = time.perf_counter()
+                a = ours()
+                t1 = time.perf_counter()
+                b = theirs()
+                t2 = time.perf_counter()
+                t_ours, t_theirs = min(t_ours, t1 - t0), min(t_theirs, t2 - t1)
+        print(f"{f'ours, {grid}x{grid} tokens':>28} {batch / t_ours:>8.1f}")
+        print(f"{f'generate(), {grid}x{grid} tokens':>28} {batch / t_theirs:>8.1f}   "
+              f"ours/generate speed {t_theirs / t_ours:.2f}x, same tokens: "
+              f"{bool(torch.equal(a, b))}")
 
 
 if __name__ == "__main__":

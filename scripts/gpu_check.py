@@ -180,11 +180,11 @@ def measure_memory(dry: bool, device: str) -> dict:
         with torch.no_grad():
             out = policy.sample(inputs, SamplingParams(cfg_scale=5.0),
                                 generator=torch.Generator(device=device).manual_seed(0))
-            policy(inputs, out.tokens, chunk_size=144)
+            policy(inputs, out.tokens, chunk_size=64)
         state["tokens"] = out.tokens
 
     def update():
-        stats = policy(inputs, state["tokens"], chunk_size=144)
+        stats = policy(inputs, state["tokens"], chunk_size=64)
         (-stats.logprobs.mean()).backward()
 
     return {"model": f"Janus-Pro-{size} widths, 2 layers, {str(dtype)[6:]}, G = 8",

@@ -73,7 +73,8 @@ def test_trainer_full_finetune_changes_lm_only(tmp_path, monkeypatch) -> None:
     from stagerl.trainer import train
 
     built = _spy(monkeypatch)
-    result = train(_cfg(str(tmp_path)))
+    # with the second teacher-forced pass, so that the sampling/teacher-forcing gap is logged
+    result = train(_cfg(str(tmp_path), "sampling.reuse_sample_stats=false"))
     rows = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["rollout/logprob_gap"] <= 1e-4 for r in rows)  # sampling vs teacher forcing

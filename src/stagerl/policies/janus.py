@@ -35,8 +35,8 @@ from stagerl.errors import UserError
 from stagerl.policies import PolicyPair, register_policy
 from stagerl.policies.base import (LOGPROB_MODES, PromptInputs, SampleOutput, SamplingParams,
                                    TokenStats)
-from stagerl.policies.sampling import (behaviour_logits, draw, scored_logits, token_stats,
-                                       truncate_logits)  # noqa: F401 (re-exported)
+from stagerl.policies.sampling import (behaviour_logits, chunked_token_stats, draw, scored_logits,
+                                       token_stats, truncate_logits)  # noqa: F401 (re-exported)
 from stagerl.policies.janus_lora import (JanusReferenceView, add_cli_args, merge_lora,  # noqa: F401
                                         run_cli)  # add_cli_args/run_cli: `stagerl merge-lora`
 
@@ -168,12 +168,6 @@ class JanusPolicy(nn.Module):
         """[..., H] -> [..., V] fp32 image-token logits."""
         return self.core.model.generation_head(hidden).float()
 
-    def _uncond_head(self, hidden: torch.Tensor | None) -> torch.Tensor | None:
-        """Logits of the unconditional branch, without gradients (None passes through)."""
-        if hidden is None:
-            return None
-        with torch.no_grad():
-            return self._head(hidden)
 
     # ---- teacher forcing (runs inside the prepared module's forward: DDP/FSDP sync it) ----------
     def forward(self, inputs: PromptInputs, tokens: torch.Tensor, logprob_mode: str = "cond",
@@ -195,35 +189,12 @@ class JanusPolicy(nn.Module):
             with torch.no_grad():
                 h_unc = self._trunk(inputs.uncond_ids, inputs.uncond_mask, tokens)  # [N, L, H]
 
-        def logit_stats(lc: torch.Tensor, lu: torch.Tensor | None,
-                        tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return token_stats(scored_logits(lc, lu, logprob_mode, cfg_scale, temperature), tok)
-
-        def chunk_stats(hc: torch.Tensor, hu: torch.Tensor | None,
-                        tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return logit_stats(self._head(hc), self._uncond_head(hu), tok)
-
         # Under ZeRO-3 the head's weights exist only around the head's own forward; a recompute
-        # inside torch.utils.checkpoint would see them released. There the head runs outside the
-        # checkpoint (its fp32 logits are kept, one [N, chunk, V] tensor per chunk) and only the
-        # softmax statistics are recomputed.
-        head_in_checkpoint = not _hook_managed(self.core.model.generation_head)
-        length = tokens.shape[1]
-        step = chunk_size if chunk_size > 0 else length
-        logps, ents = [], []
-        for s in range(0, length, step):
-            sl = slice(s, s + step)
-            hc, hu, tok = h_cond[:, sl], None if h_unc is None else h_unc[:, sl], tokens[:, sl]
-            if chunk_size > 0 and torch.is_grad_enabled() and head_in_checkpoint:
-                lp, ent = checkpoint(chunk_stats, hc, hu, tok, use_reentrant=False)
-            elif chunk_size > 0 and torch.is_grad_enabled():
-                lp, ent = checkpoint(logit_stats, self._head(hc), self._uncond_head(hu), tok,
-                                     use_reentrant=False)
-            else:
-                lp, ent = chunk_stats(hc, hu, tok)
-            logps.append(lp)
-            ents.append(ent)
-        return TokenStats(logprobs=torch.cat(logps, 1), entropy=torch.cat(ents, 1))  # [N, L] x2
+        # inside torch.utils.checkpoint would see them released, so the head stays outside it.
+        logps, ents = chunked_token_stats(
+            self._head, h_cond, h_unc, tokens, logprob_mode, cfg_scale, temperature, chunk_size,
+            head_in_checkpoint=not _hook_managed(self.core.model.generation_head))
+        return TokenStats(logprobs=logps, entropy=ents)  # [N, L] x2
 
     # ---- sampling -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -19,8 +19,11 @@ Randomness enters in :func:`draw`, in one of two ways:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 
 def guide(cond: Tensor, uncond: Tensor | None, cfg_scale: float) -> Tensor:
@@ -67,6 +70,50 @@ def token_stats(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
     picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1)
     return picked, entropy
+
+
+def chunked_token_stats(head: Callable[[Tensor], Tensor], h_cond: Tensor, h_uncond: Tensor | None,
+                        tokens: Tensor, mode: str, cfg_scale: float, temperature: float,
+                        chunk_size: int = 0,
+                        head_in_checkpoint: bool = True) -> tuple[Tensor, Tensor]:
+    """Teacher-forced (log-prob of ``tokens``, entropy), both [N, L], from hidden states [N, L, H].
+
+    ``head`` maps [..., H] to image-token logits [..., V]; ``h_uncond`` (``cfg`` mode only) runs
+    without gradients. With ``chunk_size`` > 0 the head and the log-softmax run over that many
+    positions at a time, each chunk under activation checkpointing when gradients flow, so an
+    [N, L, V] fp32 tensor never exists, not even for backward (benchmarks/logprob_memory.py).
+    ``head_in_checkpoint=False`` keeps the head outside the checkpoint (its logits are saved per
+    chunk) for engines whose weights exist only around the head's own forward (ZeRO-3).
+    """
+    def uncond_logits(hu: Tensor | None) -> Tensor | None:
+        if hu is None:
+            return None
+        with torch.no_grad():
+            return head(hu).float()
+
+    def logit_stats(lc: Tensor, lu: Tensor | None, tok: Tensor) -> tuple[Tensor, Tensor]:
+        return token_stats(scored_logits(lc, lu, mode, cfg_scale, temperature), tok)
+
+    def chunk_stats(hc: Tensor, hu: Tensor | None, tok: Tensor) -> tuple[Tensor, Tensor]:
+        return logit_stats(head(hc).float(), uncond_logits(hu), tok)
+
+    length = tokens.shape[1]
+    step = chunk_size if chunk_size > 0 else length
+    recompute = chunk_size > 0 and torch.is_grad_enabled() and h_cond.requires_grad
+    logps, ents = [], []
+    for a in range(0, length, step):
+        sl = slice(a, a + step)
+        hc, hu, tok = h_cond[:, sl], None if h_uncond is None else h_uncond[:, sl], tokens[:, sl]
+        if recompute and head_in_checkpoint:
+            lp, ent = checkpoint(chunk_stats, hc, hu, tok, use_reentrant=False)
+        elif recompute:
+            lp, ent = checkpoint(logit_stats, head(hc).float(), uncond_logits(hu), tok,
+                                 use_reentrant=False)
+        else:
+            lp, ent = chunk_stats(hc, hu, tok)
+        logps.append(lp)
+        ents.append(ent)
+    return torch.cat(logps, 1), torch.cat(ents, 1)
 
 
 def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:

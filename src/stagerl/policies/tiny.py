@@ -25,7 +25,6 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -35,13 +34,13 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.utils.checkpoint import checkpoint
 
 from stagerl.errors import UserError
 from stagerl.policies import PolicyPair, register_policy
 from stagerl.policies.base import (LOGPROB_MODES, PromptInputs, SampleOutput, SamplingParams,
                                    TokenStats)
-from stagerl.policies.sampling import behaviour_logits, inverse_cdf, scored_logits, token_stats
+from stagerl.policies.sampling import (behaviour_logits, chunked_token_stats, inverse_cdf,
+                                       scored_logits)
 from stagerl.worlds.shapes.tokenizer import PatchTokenizer
 
 log = logging.getLogger(__name__)
@@ -259,18 +258,6 @@ class TinyPolicy(nn.Module):
         return self.head(self.image_hidden(prompt_ids, prompt_mask, tokens))
 
     # ---- protocol: teacher-forced statistics ---------------------------------------------------
-    def _score_chunk(self, h_cond: torch.Tensor, h_uncond: torch.Tensor | None,
-                     tokens: torch.Tensor, cfg_scale: float, temperature: float) -> torch.Tensor:
-        """[N, C, d] hidden -> [2, N, C]: (log-prob of ``tokens``, full-vocabulary entropy)."""
-        c = self.head(h_cond).float()  # [N, C, V]
-        u = None
-        if h_uncond is not None:
-            with torch.no_grad():  # "cfg" mode: the unconditional branch is a constant
-                u = self.head(h_uncond).float()
-        chosen, entropy = token_stats(scored_logits(c, u, "cfg" if u is not None else "cond",
-                                                    cfg_scale, temperature), tokens)
-        return torch.stack([chosen, entropy])
-
     def forward(self, inputs: PromptInputs, tokens: torch.Tensor, logprob_mode: str = "cond",
                 cfg_scale: float = 1.0, temperature: float = 1.0,
                 chunk_size: int = 0) -> TokenStats:
@@ -282,20 +269,10 @@ class TinyPolicy(nn.Module):
         if logprob_mode == "cfg" and cfg_scale != 1.0:
             with torch.no_grad():
                 h_uncond = self.image_hidden(inputs.uncond_ids, inputs.uncond_mask, tokens)
-        n_pos = tokens.shape[1]
-        step = chunk_size if chunk_size > 0 else n_pos
-        score = partial(self._score_chunk, cfg_scale=cfg_scale, temperature=temperature)
-        outs = []
-        for a in range(0, n_pos, step):
-            hu = None if h_uncond is None else h_uncond[:, a:a + step]
-            args = (h_cond[:, a:a + step], hu, tokens[:, a:a + step])
-            if chunk_size > 0 and torch.is_grad_enabled() and h_cond.requires_grad:
-                # Recompute the [N, C, V] logits in backward instead of keeping them for all L.
-                outs.append(checkpoint(score, *args, use_reentrant=False))
-            else:
-                outs.append(score(*args))
-        stats = torch.cat(outs, dim=-1)  # [2, N, L]
-        return TokenStats(logprobs=stats[0], entropy=stats[1])
+        mode = "cfg" if h_uncond is not None else "cond"
+        logps, ents = chunked_token_stats(self.head, h_cond, h_uncond, tokens, mode, cfg_scale,
+                                          temperature, chunk_size)
+        return TokenStats(logprobs=logps, entropy=ents)
 
     # ---- protocol: sampling --------------------------------------------------------------------
     @torch.no_grad()
