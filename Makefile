@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/algo_overhead.py
 	$(PY) benchmarks/rollout.py
 	$(PY) benchmarks/logprob_memory.py
+	$(PY) benchmarks/step.py
 
 # On a CUDA machine: the engines in bf16, our sampler vs generate(), peak memory at 7B widths
 # (scripts/gpu_check.py; writes gpu_check.json). Without a GPU it says so and exits 0.

@@ -31,49 +31,10 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+from stagerl.policies.janus_tiny import sized_janus  # noqa: E402
+
 LAUNCH_FILES = {"ddp": "ddp", "zero2": "deepspeed_zero2", "zero3": "deepspeed_zero3",
                 "fsdp2": "fsdp"}
-# (hidden, intermediate, heads, kv heads, text vocab) of Janus-Pro's language models.
-WIDTHS = {"1b": (2048, 5632, 16, 16, 102400), "7b": (4096, 11008, 32, 32, 102400),
-          "toy": (64, 128, 4, 2, 512)}
-
-
-def sized_janus(size: str, layers: int, grid: int, dtype: torch.dtype, device: str):
-    """A random Janus with a given size's widths and vocabularies but ``layers`` LM layers."""
-    from transformers import JanusConfig, JanusForConditionalGeneration, LlamaConfig
-
-    from stagerl.policies.janus import JanusPolicy
-    from stagerl.policies.janus_tiny import build_tiny_tokenizer, generation_config_for
-
-    hidden, inter, heads, kv, vocab = WIDTHS[size]
-    tok = build_tiny_tokenizer()
-    toy = size == "toy"
-    config = JanusConfig(
-        text_config=LlamaConfig(vocab_size=max(vocab, len(tok)), hidden_size=hidden,
-                                intermediate_size=inter, num_hidden_layers=layers,
-                                num_attention_heads=heads, num_key_value_heads=kv,
-                                max_position_embeddings=grid * grid + 512,
-                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                eos_token_id=tok.eos_token_id),
-        vision_config=dict(hidden_size=32 if toy else 1024, num_hidden_layers=1,
-                           num_attention_heads=4 if toy else 16, image_size=grid * 2,
-                           patch_size=2, projection_dim=hidden, num_image_tokens=grid * grid),
-        vq_config=dict(num_embeddings=128 if toy else 16384, embed_dim=8, projection_dim=hidden,
-                       image_token_embed_dim=hidden, base_channels=32 if toy else 128,
-                       latent_channels=32 if toy else 256,
-                       channel_multiplier=[1, 1, 2] if toy else [1, 1, 2, 2, 4],
-                       num_res_blocks=1 if toy else 2),
-        image_token_id=tok.convert_tokens_to_ids("<image_placeholder>"))
-    torch.manual_seed(0)
-    model = JanusForConditionalGeneration(config).to(dtype=dtype, device=device).eval()
-    model.generation_config = generation_config_for(tok)
-    from transformers import JanusImageProcessorPil, JanusProcessor
-
-    processor = JanusProcessor(image_processor=JanusImageProcessorPil(), tokenizer=tok,
-                               num_image_tokens=grid * grid)
-    return JanusPolicy(model, processor)
-
-
 def run_engines(engines: list[str], dry: bool, work: Path) -> dict:
     """Phase 1: 3 steps of the tiny Janus under each engine, one process each."""
     from stagerl.policies.janus_tiny import build_tiny_janus

@@ -103,3 +103,43 @@ def build_tiny_janus(seed: int = 0, grid: int = 8, hidden: int = 32, layers: int
                                                                            "width": side}),
                                tokenizer=tokenizer, num_image_tokens=grid * grid)
     return model.eval(), processor
+
+
+# (hidden, intermediate, heads, kv heads, text vocab) of Janus-Pro's language models.
+WIDTHS = {"1b": (2048, 5632, 16, 16, 102400), "7b": (4096, 11008, 32, 32, 102400),
+          "toy": (64, 128, 4, 2, 512)}
+
+
+def sized_janus(size: str, layers: int, grid: int, dtype: torch.dtype = torch.float32,
+                device: str = "cpu"):
+    """A random-weight JanusPolicy with the widths and vocabularies of Janus-Pro-``size``
+    (``1b``, ``7b``; ``toy`` for CPU dry runs) but ``layers`` LM layers and a ``grid`` x ``grid``
+    image-token canvas: real FLOP and memory shapes per layer without real weights (benchmarks,
+    the GPU check)."""
+    from stagerl.policies.janus import JanusPolicy
+
+    hidden, inter, heads, kv, vocab = WIDTHS[size]
+    tok = build_tiny_tokenizer()
+    toy = size == "toy"
+    config = JanusConfig(
+        text_config=LlamaConfig(vocab_size=max(vocab, len(tok)), hidden_size=hidden,
+                                intermediate_size=inter, num_hidden_layers=layers,
+                                num_attention_heads=heads, num_key_value_heads=kv,
+                                max_position_embeddings=grid * grid + 512,
+                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id),
+        vision_config=dict(hidden_size=32 if toy else 1024, num_hidden_layers=1,
+                           num_attention_heads=4 if toy else 16, image_size=grid * 2,
+                           patch_size=2, projection_dim=hidden, num_image_tokens=grid * grid),
+        vq_config=dict(num_embeddings=128 if toy else 16384, embed_dim=8, projection_dim=hidden,
+                       image_token_embed_dim=hidden, base_channels=32 if toy else 128,
+                       latent_channels=32 if toy else 256,
+                       channel_multiplier=[1, 1, 2] if toy else [1, 1, 2, 2, 4],
+                       num_res_blocks=1 if toy else 2),
+        image_token_id=tok.convert_tokens_to_ids("<image_placeholder>"))
+    torch.manual_seed(0)
+    model = JanusForConditionalGeneration(config).to(dtype=dtype, device=device).eval()
+    model.generation_config = generation_config_for(tok)
+    processor = JanusProcessor(image_processor=JanusImageProcessorPil(), tokenizer=tok,
+                               num_image_tokens=grid * grid)
+    return JanusPolicy(model, processor)
