@@ -172,9 +172,9 @@ def test_plans_and_configs(tmp_path):
     jobs = study_mod.plan_jobs(plan)
     names = [j.name for j in jobs]
     assert len(names) == len(set(names)) == 9 + 9 + 3 + 18 + 6
-    assert names[:9] == [f"{r}-s{s}" for r in study_mod.COMPARE_ROWS for s in range(3)]
+    assert names[:9] == [f"{r}-s{s}" for s in range(3) for r in study_mod.COMPARE_ROWS]
     assert [n for n in names if "token_norm" in n] == [f"stage-token_norm-s{s}" for s in range(3)]
-    assert names[-6:] == [f"{r}-s{s}" for r in ("wo_kl", "wo_ent_kl") for s in range(3)]
+    assert names[-6:] == [f"{r}-s{s}" for s in range(3) for r in ("wo_kl", "wo_ent_kl")]
     with pytest.raises(Exception, match="sweep in main"):
         study_mod.plan_jobs(study_mod.StudyPlan(conditions=["token_norm"], lr_sweep=[2.0],
                                                 sweep_in=["token_norm"]))

@@ -1,9 +1,10 @@
 """``stagerl study``: the STAGE-vs-GRPO reproduction study on the shapes world (docs/study.md).
 
-The five rows of the paper's Table 4 (docs/algorithm.md §7; configs/ablations/*.yaml) are trained at
-an equal sample budget (same steps, prompts per step P and group size G) with >= 3 seeds each, then
-every run and the base model are evaluated on every shapes suite (in-distribution "test", held-out
-"compositions", held-out "phrasings") and on the quality/drift measures of :mod:`stagerl.quality`.
+The five rows of the paper's Table 4 (docs/algorithm.md §7; configs/ablations/*.yaml) are trained
+at an equal sample budget (same steps, prompts per step P and group size G) with >= 3 seeds each,
+then every run and the base model are evaluated on every shapes suite (in-distribution "test",
+held-out "compositions", held-out "phrasings") and on the quality/drift measures of
+:mod:`stagerl.quality`.
 Two extensions make the comparison a matched one (docs/study.md, "Settings and the LR sweep"):
 
 - **conditions** retrain the compared rows (vanilla GRPO, +Ent, STAGE) in another setting, e.g.
@@ -288,20 +289,20 @@ def evaluate_model(policy: Any, base: Any | None, out_dir: Path, plan: StudyPlan
 
 def plan_jobs(plan: StudyPlan) -> list[Job]:
     """Every run of the plan, each once, most needed first (an interrupted study has finished
-    those): the compared rows, the conditions, the sweep, then the other rows."""
-    jobs = [Job(r, s) for r in plan.rows if r in plan.compare_rows for s in plan.seeds]
+    those): the compared rows, the conditions, the sweep, then the other rows; within each, seed
+    by seed, so that an interrupted part has the same seeds for every row."""
+    jobs = [Job(r, s) for s in plan.seeds for r in plan.rows if r in plan.compare_rows]
     for c in plan.conditions:
         rows = [r for r in plan.compare_rows if r in CONDITIONS[c].get("rows", plan.compare_rows)]
-        jobs += [Job(r, s, c) for r in rows for s in plan.seeds[:plan.condition_seeds]]
+        jobs += [Job(r, s, c) for s in plan.seeds[:plan.condition_seeds] for r in rows]
     for setting in plan.sweep_in:
         cond = None if setting == MAIN else setting
         if cond is not None and "rows" in CONDITIONS[cond]:
             raise UserError(f"--sweep-in {cond}: this condition changes only "
                             f"{', '.join(CONDITIONS[cond]['rows'])}; sweep in main instead")
-        for m in [1.0, *plan.lr_sweep]:
-            jobs += [Job(r, s, cond, m) for r in plan.compare_rows
-                     for s in plan.seeds[:plan.sweep_seeds]]
-    jobs += [Job(r, s) for r in plan.rows for s in plan.seeds]
+        jobs += [Job(r, s, cond, m) for s in plan.seeds[:plan.sweep_seeds]
+                 for m in [1.0, *plan.lr_sweep] for r in plan.compare_rows]
+    jobs += [Job(r, s) for s in plan.seeds for r in plan.rows]
     return list(dict.fromkeys(jobs))
 
 
@@ -389,7 +390,8 @@ def _floats(text: str) -> list[float]:
     try:
         values = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") \
+            from None
     if any(not (math.isfinite(v) and v > 0) for v in values):
         raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
     return values

@@ -174,7 +174,7 @@ def _sentence(label: str, c: dict[str, Any], a_name: str, b_name: str) -> str:
 
 
 def findings(summary: dict, groups: dict) -> list[str]:
-    """The paper's claims (docs/study.md, "Reading the results") checked one by one, with numbers."""
+    """The paper's claims checked one by one, with numbers (read in docs/study.md)."""
     base = flat_metrics(summary["base"])
     lines = []
     grpo, stage = groups.get(("vanilla_grpo", None)), groups.get(("stage", None))
@@ -211,9 +211,10 @@ def conditions_section(summary: dict, groups: dict) -> list[str]:
 
     lines = ["## Conditions: when does a difference appear?", "",
              "Each condition retrains the compared rows with one change; the table shows STAGE "
-             "minus vanilla GRPO (mean over seeds, ± 2 se). A condition that cannot change vanilla "
-             "GRPO (w = 1 makes every loss aggregation the token mean, docs/algorithm.md §5) "
-             "retrains STAGE only and is compared with the main vanilla runs.", ""]
+             "minus vanilla GRPO (mean over seeds, ± 2 se). A condition that cannot change "
+             "vanilla GRPO (w = 1 makes every loss aggregation the token mean, "
+             "docs/algorithm.md §5) retrains STAGE only and is compared with the main vanilla "
+             "runs.", ""]
     rows: dict[str, dict[str, str]] = {}
     for cond in [None, *conds]:
         g, s = _with_main(groups, "vanilla_grpo", cond), _with_main(groups, "stage", cond)
