@@ -13,8 +13,8 @@ import torch
 from conftest import make_tiny_policy
 from stagerl.benchmarks import BENCHMARKS
 from stagerl.errors import UserError
-from stagerl.eval import (benchmark_category, evaluate_benchmark, evaluate_shapes,
-                          generate_images, load_benchmark, markdown_table)
+from stagerl.eval import (ShapesEval, benchmark_category, evaluate_benchmark, evaluate_shapes,
+                          evaluate_suite, generate_images, load_benchmark, markdown_table)
 from stagerl.policies.base import SamplingParams
 from stagerl.rewards.base import RewardOutput, register_reward
 
@@ -167,3 +167,41 @@ def test_markdown_table_formats_numbers_and_strings():
     md = markdown_table({"a": {"x": 0.5, "y": "1 ± 0"}, "b": {"x": float("nan")}}, "T")
     assert md.splitlines()[0] == "**T**"
     assert "| a | 0.500 | 1 ± 0 |" in md and "| b | n/a | n/a |" in md
+
+
+def test_shapes_eval_is_typed_and_keeps_its_images(policy):
+    params = SamplingParams(cfg_scale=2.0, top_k=3)
+    res = evaluate_suite(policy, "heldout", 4, 2, params, seed=11)
+    assert isinstance(res, ShapesEval) and res.top_k == 3 and res.seed == 11
+    assert len(res.images) == len(res.items) == 4 and all(len(ims) == 2 for ims in res.images)
+    assert res.to_dict() == evaluate_shapes(policy, "heldout", 4, 2, 2.0, 11, top_k=3)
+    assert "images" not in res.to_dict()
+
+
+def test_cli_eval_and_in_run_eval_keep_the_configured_sampling(monkeypatch, tmp_path, policy):
+    """The configured temperature / top-k / top-p and log.eval_seed reach the one evaluation."""
+    import types
+
+    import stagerl.eval as ev
+    import stagerl.trainer as trainer
+    from stagerl.cli import main
+    from stagerl.config import load_config
+
+    seen, real = [], ev.evaluate_suite
+
+    def spy(pol, suite, n, ipp, params, seed, *a, **k):
+        seen.append((params, seed))
+        return real(pol, suite, n, ipp, params, seed, *a, **k)
+
+    monkeypatch.setattr(ev, "evaluate_suite", spy)
+    monkeypatch.setattr(trainer, "evaluate_suite", spy)
+    sets = ["sampling.temperature=0.7", "sampling.top_k=5", "sampling.top_p=0.9",
+            "log.eval_seed=9"]
+    assert main(["eval", "--prompts", "2", "--images-per-prompt", "1", "--set", *sets]) == 0
+    cfg = load_config(None, sets + ["log.eval_prompts=2", "log.eval_images_per_prompt=1"])
+    acc = types.SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    tracker = types.SimpleNamespace(log=lambda *a: None, run_dir=tmp_path)
+    trainer._evaluate(cfg, policy, acc, tracker, 0, "t")
+    for params, seed in seen:
+        assert (params.temperature, params.top_k, params.top_p, seed) == (0.7, 5, 0.9, 9)
+    assert len(seen) == 2

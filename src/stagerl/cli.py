@@ -265,9 +265,12 @@ def _load_weights(policy: Any, path: Path) -> None:
 def _sampling_params(cfg: Any, cfg_scale: float | None) -> Any:
     from stagerl.policies.base import SamplingParams
 
-    s = cfg.sampling
-    return SamplingParams(s.cfg_scale if cfg_scale is None else cfg_scale, s.temperature,
-                          s.top_k, s.top_p)
+    return SamplingParams.from_config(cfg.sampling, cfg_scale)
+
+
+def _seed(args: argparse.Namespace, cfg: Any) -> int:
+    """``--seed``, else the config's ``log.eval_seed``."""
+    return cfg.log.eval_seed if args.seed is None else args.seed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,28 +308,28 @@ def _check_eval_args(args: argparse.Namespace) -> None:
 
 
 def _eval_suites(args: argparse.Namespace, cfg: Any, weights: Path | None) -> int:
-    from stagerl.eval import evaluate_shapes, format_table
+    from stagerl.eval import evaluate_suite, format_table
     from stagerl.preflight import check_sampling_fits
 
     suites = [s.strip() for s in (args.suite or "heldout").split(",")]
     prompts = args.prompts or 200
-    cfg_scale = args.cfg_scale if args.cfg_scale is not None else cfg.sampling.cfg_scale
+    params = _sampling_params(cfg, args.cfg_scale)
     check_sampling_fits(cfg.model, prompts, args.images_per_prompt, "--prompts x "
-                        "--images-per-prompt", cfg_scale != 1.0)
+                        "--images-per-prompt", params.cfg_scale != 1.0)
     policy = _build_eval_policy(cfg, weights)
     out = Path(args.out) if args.out else None
     results: dict[str, Any] = {}
     for suite in suites:
         print(f"suite {suite}: scoring {prompts} prompts x {args.images_per_prompt} images",
               flush=True)
-        res = evaluate_shapes(policy, suite, prompts, args.images_per_prompt, cfg_scale,
-                              args.seed, out_dir=(out / suite) if out else None,
-                              progress=_progress())
-        print(format_table({"strict": res["strict"], "lenient": res["lenient"]},
-                           f"suite {suite}: {res['prompts']} prompts x "
-                           f"{res['images_per_prompt']} images, cfg {cfg_scale}"))
-        print(f"mean partial credit: {res['partial']:.3f}\n")
-        results[suite] = res
+        res = evaluate_suite(policy, suite, prompts, args.images_per_prompt, params,
+                             _seed(args, cfg), out_dir=(out / suite) if out else None,
+                             progress=_progress())
+        print(format_table({"strict": res.strict, "lenient": res.lenient},
+                           f"suite {suite}: {res.prompts} prompts x {res.images_per_prompt} "
+                           f"images, cfg {params.cfg_scale}"))
+        print(f"mean partial credit: {res.partial:.3f}\n")
+        results[suite] = res.to_dict()
     _write_json(args.json, results)
     return 0
 
@@ -354,7 +357,7 @@ def _eval_benchmark(args: argparse.Namespace, cfg: Any, weights: Path | None) ->
           f"{len(items) * args.images_per_prompt} images with {', '.join(names)}", flush=True)
     policy = _build_eval_policy(cfg, weights)
     res = evaluate_benchmark(policy, bench, names, kwargs, args.images_per_prompt, params,
-                             args.seed, Path(args.out) if args.out else None,
+                             _seed(args, cfg), Path(args.out) if args.out else None,
                              max_prompts=args.prompts, items=items, progress=_progress())
     print(format_table(res["scores"], f"{bench}: mean reward by category"))
     for note in res.get("notes", []):
@@ -383,7 +386,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     params = _sampling_params(cfg, args.cfg_scale)
     check_sampling_fits(cfg.model, len(items), args.n, "prompts x --n", params.cfg_scale != 1.0)
     policy = _build_eval_policy(cfg, weights)
-    generate_images(policy, items, args.n, params, args.seed, Path(args.out),
+    generate_images(policy, items, args.n, params, _seed(args, cfg), Path(args.out),
                     progress=_progress())
     print(f"wrote {len(items) * args.n} images for {len(items)} prompts under {args.out}")
     return 0
@@ -432,7 +435,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     print(f"saved to {args.out}  ({result['total_seconds']:.0f}s, {result['threads']} threads, "
           f"final loss {result['final_loss']:.3f})")
     for ev in result["evals"]:
-        print(f"\nheld-out '{ev['split']}' split, {ev['prompts']} prompts x "
+        print(f"\nsuite {ev['suite']}, {ev['prompts']} prompts x "
               f"{ev['images_per_prompt']} images, CFG {ev['cfg_scale']}:")
         print(pretrain_table(ev))
     return 0
@@ -501,7 +504,9 @@ def _add_model_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--cfg-scale", type=float_arg(0.0), default=None,
                    help="classifier-free guidance scale >= 0 (default: the config's "
                         "sampling.cfg_scale)")
-    e.add_argument("--seed", type=_SEED, default=1234, help="sampling seed (default: %(default)s)")
+    e.add_argument("--seed", type=_SEED, default=None,
+                   help="seed of the prompts drawn and of sampling (default: the config's "
+                        "log.eval_seed)")
 
 
 def _add_eval_args(e: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ from stagerl.algo.kl import KL_ESTIMATORS
 from stagerl.algo.losses import LOSS_AGGREGATIONS
 from stagerl.algo.weights import PARTNER_SETS
 from stagerl.errors import UserError
+from stagerl.eval import EVAL_SEED, suite_names
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -189,6 +190,9 @@ class LogConfig:
                            "only); 0 = no evaluation.", min=0)
     eval_images_per_prompt: int = _f(4, "Images per held-out prompt.", min=1)
     eval_suite: str = _f("heldout", "Shapes suite for in-run evaluation (see `stagerl eval --help`).")
+    eval_seed: int = _f(EVAL_SEED, "Seed of the evaluation prompts and of sampling them, for in-run "
+                        "evaluation and the default of `stagerl eval --seed`; one seed gives every "
+                        "model the same prompts and noise.", min=0, max=2 ** 63 - 1)
     progress: bool = _f(True, "Show a progress bar with ETA.")
 
 
@@ -499,8 +503,6 @@ def _check_rules(cfg: Config) -> None:
                              f"no other {{...}} fields, got {template!r}")
     if not 0 <= cfg.run.seed < 2 ** 63:
         raise FieldError("run.seed", f"expected a value in [0, 2**63), got {cfg.run.seed}")
-    from stagerl.eval import suite_names
-
     if cfg.log.eval_suite not in suite_names():
         raise FieldError("log.eval_suite", f"unknown shapes suite {cfg.log.eval_suite!r}; "
                          f"choose from {', '.join(suite_names())}")

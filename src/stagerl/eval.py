@@ -2,8 +2,10 @@
 score, and save per-category tables.
 
 Entry points:
-- :func:`evaluate_shapes` -- a shapes-world suite, scored by the exact evaluator (strict, lenient,
-  partial credit). Used before/after training, by ``stagerl eval`` and by ``stagerl study``.
+- :func:`evaluate_suite` -- a shapes-world suite, scored by the exact evaluator (strict, lenient,
+  partial credit) -> a :class:`ShapesEval`. The one shapes evaluation (docs/design.md §13): the
+  trainer's before/after evaluation, ``stagerl eval``, ``stagerl pretrain`` (the model card) and
+  ``stagerl study`` all call it; :func:`evaluate_shapes` is its dict-returning form.
 - :func:`evaluate_benchmark` -- a benchmark path: GenEval metadata (.jsonl), T2I-CompBench-style
   prompt lists (.txt, the category is the file name: ``color_val.txt`` -> ``color``; or a folder of
   them), DrawBench (.csv with a Category column) or an OCR prompt file (.txt), scored by the
@@ -24,6 +26,7 @@ import json
 import logging
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,9 @@ SHAPES_SUITES = ("test", "compositions", "phrasings")
 SUITE_ALIASES = {"heldout": "test", "indist": "test"}
 _SPLIT_WORDS = ("val", "test", "train", "prompts", "metadata", "evaluation")
 CHUNK_PROMPTS = 32  # prompts sampled together by generate_images (and the seed of each chunk)
+# The seed of evaluation prompts and sampling; config field log.eval_seed takes its default from
+# here, so that every caller evaluates the same images unless told otherwise.
+EVAL_SEED = 1234
 
 
 def suite_names() -> tuple[str, ...]:
@@ -58,7 +64,7 @@ def check_suite(suite: str, what: str = "--suite") -> str:
     return SUITE_ALIASES.get(suite, suite)
 
 
-def shapes_items(suite: str, n_prompts: int, seed: int = 1234) -> list[PromptItem]:
+def shapes_items(suite: str, n_prompts: int, seed: int = EVAL_SEED) -> list[PromptItem]:
     from stagerl.worlds.shapes.prompts import generate
 
     split = check_suite(suite)
@@ -205,40 +211,82 @@ def _load_prompt_dir(out_dir: Path | None, index: int, n: int) -> list[Image.Ima
 # Scoring
 
 
-def evaluate_shapes(policy: Any, suite: str = "heldout", n_prompts: int = 200,
-                    images_per_prompt: int = 4, cfg_scale: float = 2.0, seed: int = 1234,
-                    temperature: float = 1.0, top_k: int = 0, out_dir: Path | None = None,
-                    progress: Any = None) -> dict[str, Any]:
-    """Strict / lenient per-category accuracy and mean partial credit on a shapes suite.
-    ``progress``: an optional tqdm-like factory for the sampling bar."""
+@dataclass
+class ShapesEval:
+    """One shapes-suite evaluation: the settings that made the images, the exact evaluator's
+    per-category tables and the images themselves (``images[i]`` are prompt ``items[i]``'s)."""
+
+    suite: str
+    prompts: int
+    images_per_prompt: int
+    cfg_scale: float
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    strict: dict[str, float]  # per category and overall (mean of categories), strict verdicts
+    lenient: dict[str, float]  # the same with GenEval's rules alone
+    partial: float  # mean partial-credit score over all images
+    items: list[PromptItem] = field(repr=False, compare=False)
+    images: list[list[Image.Image]] = field(repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the prompts and images: what results.json and run folders store."""
+        return {k: getattr(self, k) for k in (
+            "suite", "prompts", "images_per_prompt", "cfg_scale", "temperature", "top_k", "top_p",
+            "seed", "strict", "lenient", "partial")}
+
+
+def evaluate_suite(policy: Any, suite: str, n_prompts: int, images_per_prompt: int,
+                   params: SamplingParams, seed: int = EVAL_SEED, out_dir: Path | None = None,
+                   progress: Any = None) -> ShapesEval:
+    """Strict / lenient per-category accuracy and mean partial credit on a shapes suite: the first
+    ``n_prompts`` prompts of ``suite`` drawn with ``seed``, ``images_per_prompt`` images each
+    sampled by :func:`generate_images` with ``params`` and ``seed``. Writes GenEval's layout and
+    results.json / results.md under ``out_dir`` when given. ``progress``: an optional tqdm-like
+    factory for the sampling bar."""
     from stagerl.worlds.shapes.evaluate import category_table, evaluate_batch
 
     items = shapes_items(suite, n_prompts, seed)
-    params = SamplingParams(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k)
     out_dir = Path(out_dir) if out_dir else None
-    _check_eval_config(out_dir, {"suite": SUITE_ALIASES.get(suite, suite), "seed": seed,
-                                 "images_per_prompt": images_per_prompt, "cfg_scale": cfg_scale,
-                                 "temperature": temperature, "top_k": top_k})
+    settings = {"suite": SUITE_ALIASES.get(suite, suite), "seed": seed,
+                "images_per_prompt": images_per_prompt, "cfg_scale": params.cfg_scale,
+                "temperature": params.temperature, "top_k": params.top_k}
+    if params.top_p != 1.0:  # folders written before top_p was honoured stay reusable
+        settings["top_p"] = params.top_p
+    _check_eval_config(out_dir, settings)
     per_prompt = generate_images(policy, items, images_per_prompt, params, seed, out_dir,
                                  progress=progress)
     images = [img for imgs in per_prompt for img in imgs]
     metas = [it.metadata for it in items for _ in range(images_per_prompt)]
     _check_canvas(images, suite)
     verdicts = evaluate_batch(images, metas)
-    result = {
-        "suite": suite, "prompts": len(items), "images_per_prompt": images_per_prompt,
-        "cfg_scale": cfg_scale, "seed": seed,
-        "strict": category_table(verdicts, metas, key="strict"),
-        "lenient": category_table(verdicts, metas, key="lenient"),
-        "partial": float(sum(v.score for v in verdicts) / max(1, len(verdicts))),
-    }
+    result = ShapesEval(
+        suite=suite, prompts=len(items), images_per_prompt=images_per_prompt,
+        cfg_scale=params.cfg_scale, temperature=params.temperature, top_k=params.top_k,
+        top_p=params.top_p, seed=seed,
+        strict=category_table(verdicts, metas, key="strict"),
+        lenient=category_table(verdicts, metas, key="lenient"),
+        partial=float(sum(v.score for v in verdicts) / max(1, len(verdicts))),
+        items=items, images=per_prompt)
     if out_dir:
-        (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+        (out_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=1))
         title = (f"shapes suite {suite}: {len(items)} prompts x {images_per_prompt} images, "
-                 f"cfg {cfg_scale}; mean partial credit {result['partial']:.3f}")
+                 f"cfg {params.cfg_scale}; mean partial credit {result.partial:.3f}")
         (out_dir / "results.md").write_text(markdown_table(
-            {"strict": result["strict"], "lenient": result["lenient"]}, title))
+            {"strict": result.strict, "lenient": result.lenient}, title))
     return result
+
+
+def evaluate_shapes(policy: Any, suite: str = "heldout", n_prompts: int = 200,
+                    images_per_prompt: int = 4, cfg_scale: float = 2.0, seed: int = EVAL_SEED,
+                    temperature: float = 1.0, top_k: int = 0, out_dir: Path | None = None,
+                    progress: Any = None, top_p: float = 1.0) -> dict[str, Any]:
+    """:func:`evaluate_suite` with the sampling settings as arguments, returning its JSON-able
+    :meth:`ShapesEval.to_dict`."""
+    params = SamplingParams(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    return evaluate_suite(policy, suite, n_prompts, images_per_prompt, params, seed, out_dir,
+                          progress).to_dict()
 
 
 def _check_canvas(images: list[Image.Image], suite: str) -> None:

@@ -124,8 +124,7 @@ def rollout(policy: Any, reference: Any | None, items: list[PromptItem], first_g
     ``policy``). ``seed`` is this step's sampling seed (see :func:`generate`).
     """
     G = cfg.sampling.group_size
-    params = SamplingParams(cfg.sampling.cfg_scale, cfg.sampling.temperature, cfg.sampling.top_k,
-                            cfg.sampling.top_p, cfg.sampling.logprob_mode)
+    params = SamplingParams.from_config(cfg.sampling)
     t0 = time.perf_counter()
     inputs, tokens, old_lp, entropy = generate(policy, items, first_group, G, params, seed,
                                                cfg.sampling.micro_batch)

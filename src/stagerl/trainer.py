@@ -23,7 +23,9 @@ from stagerl.checkpoint import TrainerState, latest_checkpoint, load_checkpoint,
 from stagerl.config import Config, needs_reference, to_yaml
 from stagerl.data import build_source, mix_seed
 from stagerl.errors import UserError
+from stagerl.eval import evaluate_suite
 from stagerl.policies import build_policy
+from stagerl.policies.base import SamplingParams
 from stagerl.rewards.base import RewardSet
 from stagerl.rollout import Rollout, rollout
 from stagerl.tracking import Tracker, image_grid
@@ -307,16 +309,16 @@ def _log_grid(tracker: Tracker, ro: Rollout, step: int, G: int) -> None:
 
 def _evaluate(cfg: Config, policy: Any, accelerator: Any, tracker: Tracker, step: int,
               tag: str) -> dict[str, Any] | None:
-    """Held-out shapes evaluation (strict GenEval rules) on the main process."""
+    """Held-out shapes evaluation (strict GenEval rules) on the main process, with the run's
+    sampling settings and ``log.eval_seed`` (docs/design.md §13: the one shapes evaluation)."""
     if cfg.log.eval_prompts == 0 or not cfg.data.source.startswith("shapes:"):
         return None
     result = None
     if accelerator.is_main_process:
-        from stagerl.eval import evaluate_shapes
-
-        result = evaluate_shapes(policy, suite=cfg.log.eval_suite, n_prompts=cfg.log.eval_prompts,
-                                 images_per_prompt=cfg.log.eval_images_per_prompt,
-                                 cfg_scale=cfg.sampling.cfg_scale, seed=1234)
+        result = evaluate_suite(policy, cfg.log.eval_suite, cfg.log.eval_prompts,
+                                cfg.log.eval_images_per_prompt,
+                                SamplingParams.from_config(cfg.sampling), cfg.log.eval_seed
+                                ).to_dict()
         tracker.log(step, {f"eval/{k}": v for k, v in result["strict"].items()})
         (tracker.run_dir / f"eval_{tag}.json").write_text(json.dumps(result, indent=1))
     accelerator.wait_for_everyone()

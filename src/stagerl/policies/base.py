@@ -63,6 +63,14 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = off
     logprob_mode: str = "cond"  # which distribution `SampleOutput.logprobs` is recorded under
 
+    @classmethod
+    def from_config(cls, sampling: Any, cfg_scale: float | None = None) -> "SamplingParams":
+        """The settings of config section ``sampling``; ``cfg_scale`` overrides its scale. Every
+        caller (rollout, in-run evaluation, ``stagerl eval``/``sample``) builds them here, so none
+        drops a field."""
+        return cls(sampling.cfg_scale if cfg_scale is None else cfg_scale, sampling.temperature,
+                   sampling.top_k, sampling.top_p, sampling.logprob_mode)
+
 
 @dataclass
 class SampleOutput:

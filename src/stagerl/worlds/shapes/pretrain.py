@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stagerl.eval import CHUNK_PROMPTS, EVAL_SEED, evaluate_suite
 from stagerl.policies.base import PromptInputs, SamplingParams
 from stagerl.policies.tiny import PromptVocab, TinyConfig, TinyPolicy
-from stagerl.worlds.shapes.evaluate import category_table, evaluate_batch
 from stagerl.worlds.shapes.prompts import generate, prompt_vocabulary
 from stagerl.worlds.shapes.render import render
 from stagerl.worlds.shapes.spec import WorldSpec
@@ -79,7 +79,7 @@ class PretrainConfig:
     eval_images_per_prompt: int = _f(4, "Images sampled per evaluation prompt.")
     eval_cfg_scales: list[float] = _f([1.5, 2.0, 2.5, 3.0], "CFG scales to evaluate at ("
                                       "1.5-3 suit this model); the card recommends the best.")
-    eval_seed: int = _f(1234, "Seed of the test-split prompts and of sampling at evaluation.")
+    eval_seed: int = _f(EVAL_SEED, "Seed of the test-split prompts and of sampling at evaluation.")
     threads: int = _f(0, "torch intra-op threads for this run; 0 = leave torch's default.")
     progress: bool = _f(True, "Show a tqdm progress bar.")
 
@@ -168,31 +168,18 @@ def train(model: TinyPolicy, inputs: PromptInputs, tokens: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation
+# Evaluation: the one shapes evaluation of stagerl.eval (docs/design.md §13)
 
 
-@torch.no_grad()
-def evaluate_policy(model: TinyPolicy, spec: WorldSpec, n_prompts: int, images_per_prompt: int,
-                    cfg_scale: float, seed: int, split: str = "test",
-                    batch: int = 256) -> dict[str, Any]:
-    """Sample ``images_per_prompt`` images for the first ``n_prompts`` of ``split`` (seed ``seed``)
-    and score them with the exact evaluator -> {"strict": table, "lenient": table, "score": mean}.
-    """
-    examples = generate(n_prompts, seed, spec, split=split)
-    prompts = [e.prompt for e in examples for _ in range(images_per_prompt)]
-    metas = [e.metadata for e in examples for _ in range(images_per_prompt)]
-    gen = torch.Generator().manual_seed(seed)
-    params = SamplingParams(cfg_scale=cfg_scale)
-    images = []
-    for a in range(0, len(prompts), batch):
-        out = model.sample(model.encode_prompts(prompts[a:a + batch]), params, gen)
-        images.append(model.decode_array(out.tokens).numpy())
-    verdicts = evaluate_batch(np.concatenate(images), metas, spec)
-    return {"split": split, "prompts": n_prompts, "images_per_prompt": images_per_prompt,
-            "cfg_scale": cfg_scale, "seed": seed,
-            "strict": category_table(verdicts, metas, key="strict"),
-            "lenient": category_table(verdicts, metas, key="lenient"),
-            "score": float(np.mean([v.score for v in verdicts]))}
+def evaluate_recipe(model: TinyPolicy, cfg: PretrainConfig,
+                    n_prompts: int | None = None) -> list[dict[str, Any]]:
+    """The recipe's held-out evaluation, one :class:`stagerl.eval.ShapesEval` dict per CFG scale:
+    the first ``n_prompts`` (default ``cfg.eval_prompts``) prompts of the heldout suite, exactly as
+    ``stagerl eval --cfg-scale S --seed <eval_seed>`` draws and scores them."""
+    n = cfg.eval_prompts if n_prompts is None else n_prompts
+    return [evaluate_suite(model, "heldout", n, cfg.eval_images_per_prompt,
+                           SamplingParams(cfg_scale=s), cfg.eval_seed).to_dict()
+            for s in cfg.eval_cfg_scales]
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -226,8 +213,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None,
     log.info("data: %d examples, %d codes, %.1fs", len(prompts), model.tokenizer.vocab_size, t_data)
     ema, losses = train(model, inputs, tokens, cfg)
     t_train = time.perf_counter() - t0 - t_data
-    evals = [evaluate_policy(ema, spec, cfg.eval_prompts, cfg.eval_images_per_prompt, s,
-                             cfg.eval_seed) for s in cfg.eval_cfg_scales]
+    evals = evaluate_recipe(ema, cfg)
     result = {"config": dataclasses.asdict(cfg), "params": sum(p.numel() for p in ema.parameters()),
               "codebook_used": model.tokenizer.usage(tokens), "data_seconds": t_data,
               "train_seconds": t_train, "total_seconds": time.perf_counter() - t0,
@@ -235,20 +221,21 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None,
               "evals": evals}
     if out_dir is not None:
         ema.save_pretrained(out_dir)
-        check = write_check(ema, spec, result, out_dir)
+        check = write_check(ema, result, out_dir)
         result["check"] = {k: check[k] for k in ("prompts", "images_per_prompt", "cfg_scale",
                                                  "seed", "strict")}
         (Path(out_dir) / "pretrain_results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def write_check(model: TinyPolicy, spec: WorldSpec, result: dict[str, Any], out_dir: str | Path,
-                prompts: int = 60) -> dict[str, Any]:
-    """Score a small fixed subset (the first ``prompts`` eval prompts, same seeds, best CFG) and
-    save it as eval_check.json: the reference tests/test_shipped_model.py reproduces in seconds."""
-    cfg = result["config"]
-    check = evaluate_policy(model, spec, min(prompts, cfg["eval_prompts"]),
-                            cfg["eval_images_per_prompt"], best_cfg_scale(result), cfg["eval_seed"])
+def write_check(model: TinyPolicy, result: dict[str, Any], out_dir: str | Path,
+                prompts: int = 2 * CHUNK_PROMPTS) -> dict[str, Any]:
+    """Score the first ``prompts`` eval prompts at the best CFG scale and save it as
+    eval_check.json: the reference tests/test_shipped_model.py reproduces in seconds. A multiple
+    of the evaluation's chunk size, so its images are exactly those prompts' images in the full
+    table."""
+    cfg = PretrainConfig(**{**result["config"], "eval_cfg_scales": [best_cfg_scale(result)]})
+    check = evaluate_recipe(model, cfg, min(prompts, cfg.eval_prompts))[0]
     (Path(out_dir) / "eval_check.json").write_text(json.dumps(check, indent=2) + "\n")
     return check
 
@@ -279,12 +266,15 @@ def model_card(result: dict[str, Any], command: str) -> str:
         f"- Wall time: {result['total_seconds']:.0f} s total ({result['train_seconds']:.0f} s "
         f"training) with {result['threads']} torch thread(s), on a shared 2-core CPU.", "",
         "## Evaluation protocol",
-        f"- Split `{result['evals'][0]['split']}` (held-out seed stream, in-distribution "
-        "templates), "
+        f"- Suite `{result['evals'][0]['suite']}` (the `test` split: held-out seed stream, "
+        "in-distribution templates), "
         f"the first {cfg['eval_prompts']} prompts of seed {cfg['eval_seed']} (categories cycle, so "
         f"{cfg['eval_prompts'] // 6} per category), {cfg['eval_images_per_prompt']} images per "
-        f"prompt, one torch.Generator seeded {cfg['eval_seed']} for all sampling, temperature 1, "
-        "no top-k/top-p. Scored by the exact evaluator (`stagerl.worlds.shapes.evaluate`).",
+        f"prompt, temperature 1, no top-k/top-p, sampled and scored by `stagerl.eval.evaluate_suite`"
+        f" (chunks of {CHUNK_PROMPTS} prompts, chunk c seeded mix({cfg['eval_seed']}, c)), the "
+        "function `stagerl eval` and in-run evaluation call: `stagerl eval --prompts "
+        f"{cfg['eval_prompts']} --cfg-scale S` reproduces each table below. Scored by the exact "
+        "evaluator (`stagerl.worlds.shapes.evaluate`).",
         "- Overall = mean of the six per-category accuracies (GenEval's convention).",
         f"- Recommended CFG scale: **{best_cfg_scale(result)}** (best strict overall among those "
         "evaluated).", ""]
@@ -295,7 +285,7 @@ def model_card(result: dict[str, Any], command: str) -> str:
                   f"at CFG {ck['cfg_scale']}, seed {ck['seed']}: strict overall "
                   f"{ck['strict']['overall']:.3f}.", ""]
     for ev in result["evals"]:
-        lines += [f"### CFG {ev['cfg_scale']} (mean partial-credit score {ev['score']:.3f})", "",
+        lines += [f"### CFG {ev['cfg_scale']} (mean partial-credit score {ev['partial']:.3f})", "",
                   format_table(ev), ""]
     return "\n".join(lines)
 
