@@ -182,3 +182,23 @@ def test_builder_errors_name_the_path(tmp_path) -> None:
     with pytest.raises(UserError, match="builtin:nothing"):
         build_policy(types.SimpleNamespace(kind="tiny", path="builtin:nothing", dtype="float32"),
                      False)
+
+
+def test_model_kinds_come_from_the_registry() -> None:
+    """model.kind's choices are the registered adapters, and a kind registered later is built
+    through the same registry (docs/design.md §14)."""
+    import dataclasses
+
+    from stagerl.config import ModelConfig
+    from stagerl.policies import PolicyPair, policy_kinds, register_policy
+    from stagerl.policies.registry import _BUILDERS
+
+    choices = next(f for f in dataclasses.fields(ModelConfig) if f.name == "kind").metadata["choices"]
+    assert set(choices) == set(policy_kinds()) >= {"tiny", "janus"}
+    register_policy("test_kind")(lambda cfg, need_reference: PolicyPair("p", None))
+    try:
+        assert build_policy(types.SimpleNamespace(kind="test_kind"), False).policy == "p"
+    finally:
+        del _BUILDERS["test_kind"]
+    with pytest.raises(UserError, match="choose from janus, tiny"):
+        build_policy(types.SimpleNamespace(kind="nope"), False)

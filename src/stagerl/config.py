@@ -30,6 +30,7 @@ from stagerl.algo.losses import LOSS_AGGREGATIONS
 from stagerl.algo.weights import PARTNER_SETS
 from stagerl.errors import UserError
 from stagerl.eval import EVAL_SEED, suite_names
+from stagerl.policies import policy_kinds
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -42,7 +43,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     kind: str = _f("tiny", "Policy adapter: 'tiny' (built-in shapes-world model) or 'janus' "
-                   "(Janus-Pro through transformers).", choices=("tiny", "janus"))
+                   "(Janus-Pro through transformers).", choices=policy_kinds())
     path: str = _f("builtin:shapes", "Checkpoint to start from: a local directory or a hub id. "
                    "'builtin:shapes' is the shipped shapes-world model under assets/shapes.")
     tiny_random: bool = _f(False, "Janus only: build a tiny randomly initialised Janus from a config "

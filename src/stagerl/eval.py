@@ -36,7 +36,7 @@ from PIL import Image
 from stagerl.benchmarks import resolve_benchmark
 from stagerl.data import PromptItem, load_prompt_file, mix_seed
 from stagerl.errors import UserError
-from stagerl.policies.base import SamplingParams
+from stagerl.policies.base import Policy, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _check_eval_config(out_dir: Path | None, settings: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def generate_images(policy: Any, items: list[PromptItem], images_per_prompt: int,
+def generate_images(policy: Policy, items: list[PromptItem], images_per_prompt: int,
                     params: SamplingParams, seed: int, out_dir: Path | None = None,
                     chunk_prompts: int = CHUNK_PROMPTS, progress: Any = None,
                     ) -> list[list[Image.Image]]:
@@ -168,7 +168,7 @@ def generate_images(policy: Any, items: list[PromptItem], images_per_prompt: int
     return result
 
 
-def _sample_chunk(policy: Any, chunk: list[PromptItem], first: int, images_per_prompt: int,
+def _sample_chunk(policy: Policy, chunk: list[PromptItem], first: int, images_per_prompt: int,
                   params: SamplingParams, seed: int, out_dir: Path | None
                   ) -> list[list[Image.Image]]:
     """Images of one chunk of prompts, written to their prompt folders when ``out_dir`` is given."""
@@ -237,7 +237,7 @@ class ShapesEval:
             "seed", "strict", "lenient", "partial")}
 
 
-def evaluate_suite(policy: Any, suite: str, n_prompts: int, images_per_prompt: int,
+def evaluate_suite(policy: Policy, suite: str, n_prompts: int, images_per_prompt: int,
                    params: SamplingParams, seed: int = EVAL_SEED, out_dir: Path | None = None,
                    progress: Any = None) -> ShapesEval:
     """Strict / lenient per-category accuracy and mean partial credit on a shapes suite: the first
@@ -278,7 +278,7 @@ def evaluate_suite(policy: Any, suite: str, n_prompts: int, images_per_prompt: i
     return result
 
 
-def evaluate_shapes(policy: Any, suite: str = "heldout", n_prompts: int = 200,
+def evaluate_shapes(policy: Policy, suite: str = "heldout", n_prompts: int = 200,
                     images_per_prompt: int = 4, cfg_scale: float = 2.0, seed: int = EVAL_SEED,
                     temperature: float = 1.0, top_k: int = 0, out_dir: Path | None = None,
                     progress: Any = None, top_p: float = 1.0) -> dict[str, Any]:
@@ -368,7 +368,7 @@ def _score_reward(name: str, kwargs: dict, per_prompt: list[list[Image.Image]],
     return scores, valid, reasons
 
 
-def evaluate_prompts(policy: Any, items: list[PromptItem], reward_names: list[str],
+def evaluate_prompts(policy: Policy, items: list[PromptItem], reward_names: list[str],
                      reward_kwargs: dict[str, dict], images_per_prompt: int, params: SamplingParams,
                      seed: int, out_dir: Path | None, title: str = "",
                      progress: Any = None) -> dict[str, Any]:
@@ -433,7 +433,7 @@ def _per_tag(scores: list[list[float]], valid: list[list[bool]],
     return per_tag
 
 
-def evaluate_benchmark(policy: Any, path: str | Path, reward_names: list[str],
+def evaluate_benchmark(policy: Policy, path: str | Path, reward_names: list[str],
                        reward_kwargs: dict[str, dict], images_per_prompt: int,
                        params: SamplingParams, seed: int, out_dir: Path | None,
                        max_prompts: int | None = None, items: list[PromptItem] | None = None,

@@ -16,7 +16,7 @@ from PIL import Image
 
 from stagerl import algo
 from stagerl.data import PromptItem, mix_seed
-from stagerl.policies.base import PromptInputs, SamplingParams
+from stagerl.policies.base import Policy, PromptInputs, SamplingParams
 from stagerl.policies.sampling import group_noise
 from stagerl.rewards.base import RewardSet
 
@@ -91,7 +91,7 @@ def _teacher_forced(model: Any, inputs: PromptInputs, tokens: torch.Tensor, cfg:
 
 
 @torch.no_grad()
-def generate(policy: Any, items: list[PromptItem], first_group: int, group_size: int,
+def generate(policy: Policy, items: list[PromptItem], first_group: int, group_size: int,
              params: SamplingParams, seed: int, micro: int = 0):
     """Sample G sequences per prompt -> (inputs [N, T], tokens [N, L], scored log-probs [N, L],
     scored entropies [N, L]).
@@ -115,7 +115,7 @@ def generate(policy: Any, items: list[PromptItem], first_group: int, group_size:
     return inputs, torch.cat(toks), torch.cat(lps), torch.cat(ents)
 
 
-def rollout(policy: Any, reference: Any | None, items: list[PromptItem], first_group: int,
+def rollout(policy: Policy, reference: Policy | None, items: list[PromptItem], first_group: int,
             rewards: RewardSet, cfg: Any, seed: int, train_forward: Any | None = None) -> Rollout:
     """Sample, score and compute advantages and token weights for ``items`` (this process's prompts).
 

@@ -25,7 +25,7 @@ from stagerl.data import build_source, mix_seed
 from stagerl.errors import UserError
 from stagerl.eval import evaluate_suite
 from stagerl.policies import build_policy
-from stagerl.policies.base import SamplingParams
+from stagerl.policies.base import Policy, SamplingParams
 from stagerl.rewards.base import RewardSet
 from stagerl.rollout import Rollout, rollout
 from stagerl.tracking import Tracker, image_grid
@@ -45,7 +45,7 @@ class TrainResult:
     eval_before: dict[str, Any] | None
     eval_after: dict[str, Any] | None
     seconds: float
-    policy: Any = None  # the trained (unwrapped) policy, for programmatic use
+    policy: Policy | None = None  # the trained (unwrapped) policy, for programmatic use
     model: Any = None  # the engine's module (DDP/DeepSpeed wrapper, FSDP2-sharded policy)
     engine: str = "single"  # see stagerl.distributed
 
@@ -286,7 +286,7 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def _export(accelerator: Any, engine: str, model: Any, policy: Any, path: Path) -> None:
+def _export(accelerator: Any, engine: str, model: Any, policy: Policy, path: Path) -> None:
     """Write the final model, loadable by plain ``from_pretrained``; every rank takes part in the
     gather of sharded weights (ZeRO-3, FSDP2), the main rank writes."""
     state_dict = distributed.full_state_dict(accelerator, engine, model)
@@ -307,7 +307,7 @@ def _log_grid(tracker: Tracker, ro: Rollout, step: int, G: int) -> None:
     tracker.image(step, "rollout", image_grid(ro.images[:n], labels, cols=G))
 
 
-def _evaluate(cfg: Config, policy: Any, accelerator: Any, tracker: Tracker, step: int,
+def _evaluate(cfg: Config, policy: Policy, accelerator: Any, tracker: Tracker, step: int,
               tag: str) -> dict[str, Any] | None:
     """Held-out shapes evaluation (strict GenEval rules) on the main process, with the run's
     sampling settings and ``log.eval_seed`` (docs/design.md §13: the one shapes evaluation)."""

@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from stagerl.errors import UserError
-from stagerl.policies import PolicyPair, register_policy
+from stagerl.policies.registry import PolicyPair, register_policy
 from stagerl.policies.base import (LOGPROB_MODES, PromptInputs, SampleOutput, SamplingParams,
                                    TokenStats)
 from stagerl.policies.sampling import (behaviour_logits, chunked_token_stats, inverse_cdf,
