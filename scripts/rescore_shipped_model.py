@@ -1,8 +1,7 @@
 """Re-score the shipped shapes model (src/stagerl/assets/shapes/) without retraining it.
 
-Runs the pretraining recipe's evaluation (`stagerl.worlds.shapes.pretrain.evaluate_recipe`, i.e. the
-one shapes evaluation `stagerl.eval.evaluate_suite`) on the shipped weights with the recorded
-config, then rewrites the `evals` and `check` entries of pretrain_results.json, eval_check.json and
+Runs the pretraining recipe's evaluation (`stagerl.pretrain.evaluate_recipe`, i.e. the one shapes
+evaluation `stagerl.eval.evaluate_suite`) on the shipped weights with the recorded config, then rewrites the `evals` and `check` entries of pretrain_results.json, eval_check.json and
 the generated part of MODEL_CARD.md (the command line and the hand-written "Notes on the shipped run"
 are kept). Use it after a change to the evaluation protocol, never to replace a retrained model's
 numbers.
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from stagerl.policies.tiny import TinyPolicy, shipped_model_dir
-from stagerl.worlds.shapes.pretrain import PretrainConfig, evaluate_recipe, model_card, write_check
+from stagerl.pretrain import PretrainConfig, evaluate_recipe, model_card, write_check
 
 NOTES = "## Notes on the shipped run"
 

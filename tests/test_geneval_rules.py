@@ -9,8 +9,8 @@ import pytest
 
 from stagerl.benchmarks import resolve_benchmark
 from stagerl.errors import UserError
-from stagerl.rewards.geneval_rules import (Detection, evaluate_detections, filter_detections,
-                                           geneval_overall, relative_position)
+from stagerl.geneval import (Detection, evaluate_detections, filter_detections,
+                             geneval_overall, relative_position)
 
 REL_OFFSET = {"left of": (-50, 0), "right of": (50, 0), "above": (0, -50), "below": (0, 50)}
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}

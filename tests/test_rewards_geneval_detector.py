@@ -13,7 +13,7 @@ from stagerl.errors import UserError
 from stagerl.rewards import build_reward
 from stagerl.rewards.detector import (COLORS, COLOR_TEMPLATES, canonical_label, color_crop,
                                       match_phrase)
-from stagerl.rewards.geneval_rules import Detection, evaluate_detections
+from stagerl.geneval import Detection, evaluate_detections
 from test_rewards_tiny import (random_images, save_tiny_clip, save_tiny_grounding_dino,
                                save_tiny_mask2former, save_tiny_owlv2)
 

@@ -6,7 +6,7 @@ import torch
 
 from stagerl.errors import UserError
 from stagerl.rewards import build_reward
-from stagerl.rewards.geneval_rules import Detection
+from stagerl.geneval import Detection
 from stagerl.rewards.grounding import (Spec, Target, nms, parse_prompt, relation_holds,
                                        score_spec, spec_from_metadata)
 from test_rewards_tiny import random_images, save_tiny_clip, save_tiny_grounding_dino

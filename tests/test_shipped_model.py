@@ -13,8 +13,8 @@ from stagerl.eval import evaluate_suite
 from stagerl.policies import build_policy
 from stagerl.policies.base import SamplingParams
 from stagerl.policies.tiny import TinyPolicy, shipped_model_dir
-from stagerl.worlds.shapes.pretrain import (PretrainConfig, best_cfg_scale, format_table, pretrain,
-                                            random_policy)
+from stagerl.pretrain import (PretrainConfig, best_cfg_scale, format_table, pretrain,
+                              random_policy)
 from stagerl.worlds.shapes.spec import WorldSpec
 
 ASSETS = shipped_model_dir()

@@ -426,8 +426,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from stagerl.preflight import check_output_dir
-    from stagerl.worlds.shapes.pretrain import format_table as pretrain_table
-    from stagerl.worlds.shapes.pretrain import run_from_args
+    from stagerl.pretrain import format_table as pretrain_table
+    from stagerl.pretrain import run_from_args
 
     check_output_dir(args.out, "--out")
     _check_pretrain_numbers(args)
@@ -447,7 +447,7 @@ def _check_pretrain_numbers(args: argparse.Namespace) -> None:
     import dataclasses
     import math
 
-    from stagerl.worlds.shapes.pretrain import PretrainConfig
+    from stagerl.pretrain import PretrainConfig
 
     for f in dataclasses.fields(PretrainConfig):
         values = getattr(args, f.name)
@@ -576,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_config)
 
     for name, module, fn, help_ in (
-            ("pretrain", "stagerl.worlds.shapes.pretrain", cmd_pretrain,
+            ("pretrain", "stagerl.pretrain", cmd_pretrain,
              "Pretrain the shapes-world tokenizer and model."),
             ("study", "stagerl.study", cmd_study,
              "Run the STAGE-vs-GRPO reproduction study on the shapes world.")):

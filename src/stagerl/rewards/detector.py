@@ -11,7 +11,7 @@ detector does the detection, chosen by its config's ``model_type``:
 
 Colours follow the original protocol: paste the object's mask on a #999 grey background, crop to the
 box, and classify the crop zero-shot with CLIP over GenEval's 10 colours, averaging three text
-templates per colour. The detections then go through :mod:`stagerl.rewards.geneval_rules`, the same
+templates per colour. The detections then go through :mod:`stagerl.geneval`, the same
 rules the shapes world uses.
 
 Scores are not identical to the mmdet original: every result records its back end
@@ -31,8 +31,8 @@ from stagerl.errors import UserError
 from stagerl.rewards._common import BatchedReward, local_or_hub, require
 from stagerl.rewards.base import register_reward
 from stagerl.rewards.clip import ClipEmbedder
-from stagerl.rewards.geneval_rules import (Detection, evaluate_detections, filter_detections,
-                                           parse_clauses)
+from stagerl.geneval import (Detection, evaluate_detections, filter_detections,
+                             parse_clauses)
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from PIL import Image
 from stagerl.errors import UserError
 from stagerl.rewards._common import BatchedReward, check_choice
 from stagerl.rewards.base import register_reward
-from stagerl.rewards.geneval_rules import Detection
+from stagerl.geneval import Detection
 from stagerl.rewards.detector import ObjectDetector
 
 # Longest phrases first so "on the left of" wins over "left of".

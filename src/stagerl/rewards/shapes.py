@@ -19,7 +19,7 @@ from PIL import Image
 
 from stagerl.errors import UserError
 from stagerl.rewards.base import RewardOutput, register_reward
-from stagerl.rewards.geneval_rules import VARIANTS
+from stagerl.geneval import VARIANTS
 from stagerl.worlds.shapes.evaluate import evaluate_image
 from stagerl.worlds.shapes.spec import spec_from_kwargs
 

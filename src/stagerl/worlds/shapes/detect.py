@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from stagerl.rewards.geneval_rules import Detection
+from stagerl.geneval import Detection
 from stagerl.worlds.shapes.render import ShapeObject, shape_mask
 from stagerl.worlds.shapes.spec import WorldSpec
 

@@ -16,8 +16,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from stagerl.rewards.geneval_rules import (Detection, evaluate_detections, geneval_overall,
-                                           parse_clauses)
+from stagerl.geneval import (Detection, evaluate_detections, geneval_overall,
+                             parse_clauses)
 from stagerl.worlds.shapes.detect import Fragment, parse_image
 from stagerl.worlds.shapes.spec import WorldSpec
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from stagerl.errors import UserError
-from stagerl.rewards.geneval_rules import evaluate_detections, relative_position
+from stagerl.geneval import evaluate_detections, relative_position
 from stagerl.worlds.shapes.detect import objects_to_detections
 from stagerl.worlds.shapes.render import ShapeObject, render
 from stagerl.worlds.shapes.spec import NUMBER_WORDS, WorldSpec

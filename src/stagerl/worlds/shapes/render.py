@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from stagerl.worlds.shapes.spec import WorldSpec
+from stagerl.worlds.shapes.spec import COLOR_RGB, SHAPES, WorldSpec
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,9 @@ SHAPE_MASKS: dict[str, Callable[[int, int], np.ndarray]] = {
     "square": _square,
     "triangle": _triangle,
 }
+# spec.py names the shapes a world may use, and render draws them: dependencies point one way
+# (docs/design.md §15), so the two lists are checked here.
+assert set(SHAPE_MASKS) == set(SHAPES), (sorted(SHAPE_MASKS), SHAPES)
 
 
 @lru_cache(maxsize=4096)
@@ -71,7 +73,7 @@ def shape_mask(shape: str, w: int, h: int | None = None) -> np.ndarray:
     return mask
 
 
-def render(objects: Sequence[ShapeObject], spec: "WorldSpec") -> np.ndarray:
+def render(objects: Sequence[ShapeObject], spec: WorldSpec) -> np.ndarray:
     """Paint objects, in order, on a plain background -> uint8 image [H, W, 3] (H = W = canvas)."""
     image = np.empty((spec.canvas, spec.canvas, 3), dtype=np.uint8)
     image[:] = spec.background_rgb
@@ -84,7 +86,7 @@ def render(objects: Sequence[ShapeObject], spec: "WorldSpec") -> np.ndarray:
     return image
 
 
-def render_batch(scenes: Sequence[Sequence[ShapeObject]], spec: "WorldSpec") -> np.ndarray:
+def render_batch(scenes: Sequence[Sequence[ShapeObject]], spec: WorldSpec) -> np.ndarray:
     """Render several scenes -> uint8 [N, H, W, 3]."""
     out = np.empty((len(scenes), spec.canvas, spec.canvas, 3), dtype=np.uint8)
     for i, objects in enumerate(scenes):
@@ -93,6 +95,4 @@ def render_batch(scenes: Sequence[Sequence[ShapeObject]], spec: "WorldSpec") -> 
 
 
 def _rgb(color: str) -> tuple[int, int, int]:
-    from stagerl.worlds.shapes.spec import COLOR_RGB
-
     return COLOR_RGB[color]

@@ -147,14 +147,12 @@ def _validate(spec: WorldSpec) -> None:
     def bad(field_name: str, why: str) -> UserError:
         return UserError(f"shapes world spec: {field_name}: {why}")
 
-    from stagerl.worlds.shapes.render import SHAPE_MASKS  # local: render imports this module
-
     if spec.grid_step < 1 or spec.canvas < 4:
         raise bad("canvas/grid_step", f"need canvas >= 4 and grid_step >= 1, got "
                   f"{spec.canvas}/{spec.grid_step}")
     for s in spec.shapes:
-        if s not in SHAPE_MASKS:
-            raise bad("shapes", f"unknown shape {s!r}; known: {', '.join(SHAPE_MASKS)}")
+        if s not in SHAPES:  # the shapes render.py can draw
+            raise bad("shapes", f"unknown shape {s!r}; known: {', '.join(SHAPES)}")
     for c in (*spec.colors, spec.background):
         if c not in COLOR_RGB:
             raise bad("colors", f"unknown colour {c!r}; known: {', '.join(COLOR_RGB)}")
