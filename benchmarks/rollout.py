@@ -11,6 +11,8 @@ Prints images per second for each and the ratio; states the torch thread count u
 Second table: our Janus CFG sampler (stagerl.policies.janus) against transformers' own
 ``generate(generation_mode="image")`` on the tiny random Janus, same prompts and seed (``top_k=0``):
 images per second, the ratio (goal: ours at least as fast) and whether the tokens agree.
+Third table: our Janus sampler with the dynamic cache, the static cache and static cache +
+``torch.compile`` of the decode step (``sampling.cache``, ``sampling.compile``).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rollout.py [--threads 1] [--batch 16]
 """
@@ -71,10 +73,12 @@ def main() -> None:
         with torch.inference_mode():
             time_sampling(model, prompts[:2], True, 1)  # warm-up
             t_cache, a = time_sampling(model, prompts, True, args.repeats)
-            t_full, b = time_sampling(model, prompts, False, args.repeats)
+            # recompute at 256 tokens takes ~50 s a batch: one timing is plenty there
+            t_full, b = time_sampling(model, prompts, False, args.repeats if grid == 8 else 1)
         print(f"{grid}x{grid:<4} {grid * grid:>6} {args.batch / t_cache:>12.1f} "
               f"{args.batch / t_full:>15.1f} {t_full / t_cache:>8.2f}x {bool(torch.equal(a, b))}")
     janus_vs_generate(args.batch, max(args.repeats, 3))
+    janus_caches(args.batch, max(args.repeats, 3))
 
 
 def janus_vs_generate(batch: int, repeats: int) -> None:
@@ -113,6 +117,36 @@ def janus_vs_generate(batch: int, repeats: int) -> None:
         print(f"{f'generate(), {grid}x{grid} tokens':>28} {batch / t_theirs:>8.1f}   "
               f"ours/generate speed {t_theirs / t_ours:.2f}x, same tokens: "
               f"{bool(torch.equal(a, b))}")
+
+
+def janus_caches(batch: int, repeats: int) -> None:
+    """Our Janus sampler with the dynamic cache, the static cache, and static + torch.compile."""
+    from stagerl.policies.janus import JanusPolicy
+    from stagerl.policies.janus_tiny import build_tiny_janus
+
+    policy = JanusPolicy(*build_tiny_janus())
+    inputs = policy.encode_prompts([e.prompt for e in generate(batch, 0, split="test")])
+    noise = torch.rand(batch, policy.num_image_tokens)
+    print(f"\nJanus sampler caches (tiny random, 64 tokens), batch {batch}, best of {repeats}")
+    print(f"{'variant':>22} {'first call s':>13} {'img/s':>8} same-tokens")
+    ref = None
+    for name, kw in (("dynamic cache", {}), ("static cache", {"cache": "static"}),
+                     ("static + compile", {"cache": "static", "compile": True})):
+        params = SamplingParams(cfg_scale=5.0, **kw)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = policy.sample(inputs, params, noise=noise)  # includes any compile
+            first = time.perf_counter() - t0
+            best = min(_seconds(lambda: policy.sample(inputs, params, noise=noise))
+                       for _ in range(repeats))
+        ref = out.tokens if ref is None else ref
+        print(f"{name:>22} {first:>13.2f} {batch / best:>8.1f} {bool(torch.equal(out.tokens, ref))}")
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
