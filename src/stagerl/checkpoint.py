@@ -20,6 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from stagerl.errors import UserError
+from stagerl.preflight import check_output_dir
+
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -110,9 +113,6 @@ def resolve_run_dir(run: Any, preset: str | None) -> Path:
     """``run.out_dir / run.name`` (config section ``run``), checked before anything is written:
     the name must stay inside ``run.out_dir``, the folder must be writable, and an existing run is
     refused unless ``run.resume`` (runs never mix). Nothing is created here."""
-    from stagerl.errors import UserError
-    from stagerl.preflight import check_output_dir
-
     name = str(run.name) or default_run_name(preset, run.seed)
     out = Path(str(run.out_dir))
     path = out / name

@@ -106,7 +106,7 @@ def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from stagerl.config import load_config
-    from stagerl.preflight import preflight_train
+    from stagerl.trainer import preflight_train
     from stagerl.report import write_plots
 
     path, overrides = _split_config_args(args.config)

@@ -28,8 +28,8 @@ from stagerl.algo.entropy import ENTROPY_MODES
 from stagerl.algo.kl import KL_ESTIMATORS
 from stagerl.algo.losses import LOSS_AGGREGATIONS
 from stagerl.algo.weights import PARTNER_SETS
+from stagerl.data import EVAL_SEED, suite_names
 from stagerl.errors import UserError
-from stagerl.eval import EVAL_SEED, suite_names
 from stagerl.policies import policy_kinds
 
 

@@ -24,6 +24,31 @@ class PromptItem:
     metadata: dict[str, Any]  # GenEval schema where known, else {"prompt": prompt}
 
 
+# --------------------------------------------------------------------------------------------------
+# Shapes suites and the evaluation seed: defined below config.py and eval.py, which both read them
+
+SHAPES_SUITES = ("test", "compositions", "phrasings")
+# `heldout` is the name used in configs for the in-distribution held-out suite.
+SUITE_ALIASES = {"heldout": "test", "indist": "test"}
+# The seed of evaluation prompts and sampling; config field log.eval_seed takes its default from
+# here, so that every caller evaluates the same images unless told otherwise.
+EVAL_SEED = 1234
+
+
+def suite_names() -> tuple[str, ...]:
+    """Every name ``--suite`` / ``log.eval_suite`` accepts: the documented suites first, then the
+    aliases and the training split."""
+    return ("heldout", "compositions", "phrasings", "test", "indist", "train")
+
+
+def check_suite(suite: str, what: str = "--suite") -> str:
+    """The shapes split of a suite name; a UserError listing the suites for any other name."""
+    if suite not in suite_names():
+        raise UserError(f"{what}: unknown shapes suite {suite!r}; choose from heldout (= test), "
+                        f"compositions, phrasings (or train)")
+    return SUITE_ALIASES.get(suite, suite)
+
+
 class PromptSource:
     """Abstract: ``batch(position, n) -> n PromptItems`` starting at global ``position``."""
 

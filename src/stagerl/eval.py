@@ -34,39 +34,21 @@ import torch
 from PIL import Image
 
 from stagerl.benchmarks import resolve_benchmark
-from stagerl.data import PromptItem, load_prompt_file, mix_seed
+from stagerl.data import (EVAL_SEED, SHAPES_SUITES, SUITE_ALIASES, PromptItem,  # noqa: F401
+                          check_suite, load_prompt_file, mix_seed, suite_names)
 from stagerl.errors import UserError
 from stagerl.policies.base import Policy, SamplingParams
+from stagerl.worlds.shapes.evaluate import category_table, evaluate_batch
+from stagerl.worlds.shapes.prompts import generate
+from stagerl.worlds.shapes.spec import WorldSpec
 
 log = logging.getLogger(__name__)
 
-SHAPES_SUITES = ("test", "compositions", "phrasings")
-# `heldout` is the name used in configs for the in-distribution held-out suite.
-SUITE_ALIASES = {"heldout": "test", "indist": "test"}
 _SPLIT_WORDS = ("val", "test", "train", "prompts", "metadata", "evaluation")
 CHUNK_PROMPTS = 32  # prompts sampled together by generate_images (and the seed of each chunk)
-# The seed of evaluation prompts and sampling; config field log.eval_seed takes its default from
-# here, so that every caller evaluates the same images unless told otherwise.
-EVAL_SEED = 1234
-
-
-def suite_names() -> tuple[str, ...]:
-    """Every name ``--suite`` / ``log.eval_suite`` accepts: the documented suites first, then the
-    aliases and the training split."""
-    return ("heldout", "compositions", "phrasings", "test", "indist", "train")
-
-
-def check_suite(suite: str, what: str = "--suite") -> str:
-    """The shapes split of a suite name; a UserError listing the suites for any other name."""
-    if suite not in suite_names():
-        raise UserError(f"{what}: unknown shapes suite {suite!r}; choose from heldout (= test), "
-                        f"compositions, phrasings (or train)")
-    return SUITE_ALIASES.get(suite, suite)
 
 
 def shapes_items(suite: str, n_prompts: int, seed: int = EVAL_SEED) -> list[PromptItem]:
-    from stagerl.worlds.shapes.prompts import generate
-
     split = check_suite(suite)
     examples = generate(n_prompts, seed=seed, split=split)
     return [PromptItem(ex.prompt, ex.metadata) for ex in examples]
@@ -245,8 +227,6 @@ def evaluate_suite(policy: Policy, suite: str, n_prompts: int, images_per_prompt
     sampled by :func:`generate_images` with ``params`` and ``seed``. Writes GenEval's layout and
     results.json / results.md under ``out_dir`` when given. ``progress``: an optional tqdm-like
     factory for the sampling bar."""
-    from stagerl.worlds.shapes.evaluate import category_table, evaluate_batch
-
     items = shapes_items(suite, n_prompts, seed)
     out_dir = Path(out_dir) if out_dir else None
     settings = {"suite": SUITE_ALIASES.get(suite, suite), "seed": seed,
@@ -292,8 +272,6 @@ def evaluate_shapes(policy: Policy, suite: str = "heldout", n_prompts: int = 200
 def _check_canvas(images: list[Image.Image], suite: str) -> None:
     """The shapes evaluator reads the shapes world's canvas; another model's images are a
     UserError, not a traceback from deep inside the evaluator."""
-    from stagerl.worlds.shapes.spec import WorldSpec
-
     canvas = WorldSpec().canvas
     if images and images[0].size != (canvas, canvas):
         w, h = images[0].size

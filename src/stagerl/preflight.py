@@ -239,18 +239,3 @@ def check_model_path(model_cfg: Any, what: str = "model.path") -> None:
     path = resolve_model_path(str(model_cfg.path))
     if not path.is_dir():
         raise UserError(f"{what}={model_cfg.path}: no such model folder")
-
-
-def preflight_train(cfg: Any) -> Path:
-    """Everything :func:`stagerl.trainer.train` would otherwise find wrong only after loading the
-    model: the run folder, prompts, rewards, model path and memory. Returns the run folder (not
-    created yet)."""
-    from stagerl.checkpoint import resolve_run_dir
-    from stagerl.rewards.base import RewardSet
-
-    run_dir = resolve_run_dir(cfg.run, cfg.algo.preset)
-    check_data_source(cfg.data.source, cfg.run.seed, cfg.data.shuffle)
-    RewardSet(list(cfg.reward.names), dict(cfg.reward.kwargs))  # names and arguments; loads nothing
-    check_model_path(cfg.model)
-    check_training_fits(cfg)
-    return run_dir

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from stagerl import algo, distributed
-from stagerl.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from stagerl import algo, distributed, preflight
+from stagerl.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint, resolve_run_dir,
+                                save_checkpoint)
 from stagerl.config import Config, needs_reference, to_yaml
 from stagerl.data import build_source, mix_seed
 from stagerl.errors import UserError
@@ -48,6 +49,17 @@ class TrainResult:
     policy: Policy | None = None  # the trained (unwrapped) policy, for programmatic use
     model: Any = None  # the engine's module (DDP/DeepSpeed wrapper, FSDP2-sharded policy)
     engine: str = "single"  # see stagerl.distributed
+
+
+def preflight_train(cfg: Config) -> Path:
+    """Everything :func:`train` would otherwise find wrong only after loading the model: the run
+    folder, prompts, rewards, model path and memory. Returns the run folder (not created yet)."""
+    run_dir = resolve_run_dir(cfg.run, cfg.algo.preset)
+    preflight.check_data_source(cfg.data.source, cfg.run.seed, cfg.data.shuffle)
+    RewardSet(list(cfg.reward.names), dict(cfg.reward.kwargs))  # names and arguments; loads nothing
+    preflight.check_model_path(cfg.model)
+    preflight.check_training_fits(cfg)
+    return run_dir
 
 
 def train(cfg: Config, progress: Any = None) -> TrainResult:
@@ -254,8 +266,6 @@ def micro_batch_loss(model: Any, ro: Rollout, idx: torch.Tensor, cfg: Config,
 def _run_dir(cfg: Config) -> Path:
     """``run.out_dir / run.name``, checked (inside out_dir, writable, no other run there unless
     resuming; stagerl.checkpoint.resolve_run_dir), then created."""
-    from stagerl.checkpoint import resolve_run_dir
-
     path = resolve_run_dir(cfg.run, cfg.algo.preset)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stagerl.errors import UserError
-from stagerl.policies import PolicyPair, register_policy
+from stagerl.policies.registry import PolicyPair, register_policy
 from stagerl.policies.base import (LOGPROB_MODES, PromptInputs, SampleOutput, SamplingParams,
                                    TokenStats)
 from stagerl.policies.sampling import (behaviour_logits, chunked_token_stats, draw, scored_logits,

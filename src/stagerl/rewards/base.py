@@ -16,8 +16,11 @@ Rewards register by name with :func:`register_reward` and are built from config 
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
+import pkgutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
@@ -69,12 +72,9 @@ def register_reward(name: str) -> Callable[[Callable[..., RewardFn]], Callable[.
 def _load_builtin_rewards() -> None:
     # Importing the modules runs their @register_reward decorators. Modules whose optional
     # dependencies are missing still import: they only fail when the reward is built or called.
-    import importlib
-    import pkgutil
-
-    import stagerl.rewards as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
+    # The folder is read by path: importing the package itself from here would close a cycle
+    # (the package imports this module; docs/design.md §15).
+    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if mod.name != "base" and not mod.name.startswith("_"):
             importlib.import_module(f"stagerl.rewards.{mod.name}")
 
