@@ -173,11 +173,12 @@ def test_stage_loss_sums_terms_and_namespaces_metrics():
     assert total.item() == pytest.approx((pg + kl_term).item(), rel=1e-6)
     assert metrics["loss/pg"] == pytest.approx(pg.item(), rel=1e-6)
     assert metrics["loss/kl"] == pytest.approx(kl_term.item(), rel=1e-6)
-    for key in ("policy/clip_frac", "policy/ratio_mean", "kl/mean", "loss/total"):
+    for key in ("policy/clip_frac", "policy/ratio_mean", "kl/weighted_mean", "kl/max", "loss/total"):
         assert isinstance(metrics[key], float)
     # β = 0 with a reference: the KL is measured but not optimised.
     total0, metrics0 = stage_loss(logp, logp.detach(), adv, ref_logp=ref, beta=0.0)
-    assert metrics0["loss/kl"] == 0.0 and metrics0["kl/mean"] > 0
+    assert metrics0["loss/kl"] == 0.0 and metrics0["kl/weighted_mean"] > 0
+    assert "kl/mean" not in metrics0  # the rollout's policy/kl_k3 is the one KL to the reference
     with pytest.raises(ValueError, match="ref_logp"):
         stage_loss(logp, logp.detach(), adv, beta=0.1)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from stagerl.algo.entropy import ENTROPY_MODES
@@ -527,17 +527,6 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(to_yaml(cfg))
-
-
 def needs_reference(cfg: Config) -> bool:
     """A reference policy is needed for the KL term or the entropy reward."""
     return cfg.algo.beta > 0 or cfg.algo.entropy_reward != "off"
-
-
-def as_container(value: Any) -> Any:
-    """Plain Python containers from OmegaConf nodes (for kwargs handed to libraries)."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value

@@ -139,11 +139,3 @@ class Policy(Protocol):
 
     def save_pretrained(self, path: str) -> None:
         """Write weights (safetensors) and whatever is needed to load them back."""
-
-
-def describe(policy: Any) -> dict[str, Any]:
-    """A small JSON-able summary of a policy, for logs and model cards."""
-    n_params = sum(p.numel() for p in policy.parameters())
-    n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    return {"class": type(policy).__name__, "grid": list(policy.grid),
-            "params": n_params, "trainable_params": n_train}
