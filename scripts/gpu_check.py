@@ -4,7 +4,8 @@ On one CUDA GPU, in a few minutes, it:
 1. trains the tiny Janus (loaded from a saved folder) for 3 steps in bf16 under each engine
    (DDP, DeepSpeed ZeRO-2, ZeRO-3, FSDP2; one process each, through ``accelerate launch`` and the
    shipped launch files);
-2. times our CFG sampler against transformers' ``generate(generation_mode="image")`` on the same
+2. times our CFG sampler (dynamic cache, static cache, static cache + ``torch.compile``) against
+   transformers' ``generate(generation_mode="image")`` on the same
    prompts and seed (tokens/s, the ratio, and whether the tokens agree), for a Janus with the
    1B's widths and vocabularies but 2 layers (random weights; real weights cannot be fetched here);
 3. measures peak GPU memory of one rollout and one update for a Janus with the 7B's widths and
@@ -105,10 +106,23 @@ def time_sampler(dry: bool, device: str) -> dict:
                                     generation_mode="image", do_sample=True, top_k=0,
                                     guidance_scale=5.0)
 
+    def static(compile_step: bool):
+        def fn():
+            torch.manual_seed(123)
+            return policy.sample(inputs, SamplingParams(cfg_scale=5.0, cache="static",
+                                                        compile=compile_step)).tokens
+        return fn
+
     with torch.no_grad():
         a, t_ours = timed(ours)
         b, t_theirs = timed(theirs)
-    return {"model": f"Janus-Pro-{size} widths, 2 layers, {str(dtype)[6:]}",
+        c, t_static = timed(static(False))
+        d, t_compiled = timed(static(True)) if not dry else (c, t_static)
+    return {"static_cache_tokens_per_s": round(n_tokens / t_static, 1),
+            "static_compiled_tokens_per_s": None if dry else round(n_tokens / t_compiled, 1),
+            "static_same_tokens": bool(torch.equal(a.cpu(), c.cpu())
+                                       and torch.equal(a.cpu(), d.cpu())),
+            "model": f"Janus-Pro-{size} widths, 2 layers, {str(dtype)[6:]}",
             "tokens": n_tokens, "ours_tokens_per_s": round(n_tokens / t_ours, 1),
             "generate_tokens_per_s": round(n_tokens / t_theirs, 1),
             "speed_ratio_ours_over_generate": round(t_theirs / t_ours, 3),

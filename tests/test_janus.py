@@ -287,3 +287,17 @@ def test_accelerate_launch_files_parse() -> None:
     assert kinds["deepspeed_zero3"][1:] == (3, "none")
     assert kinds["deepspeed_zero3_offload"][1:] == (3, "cpu")
     assert kinds["multinode_example"][1] == 3
+
+
+@pytest.mark.parametrize("compile_step", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_static_cache_sampler_draws_the_same_tokens(small: JanusPolicy, compile_step: bool) -> None:
+    """sampling.cache=static (+ sampling.compile) is a faster path to the same tokens."""
+    inp = small.encode_prompts(PROMPTS)
+    noise = torch.rand(len(PROMPTS), small.num_image_tokens,
+                       generator=torch.Generator().manual_seed(4))
+    ref = small.sample(inp, SamplingParams(cfg_scale=5.0, logprob_mode="cfg"), noise=noise)
+    out = small.sample(inp, SamplingParams(cfg_scale=5.0, logprob_mode="cfg", cache="static",
+                                           compile=compile_step), noise=noise)
+    assert torch.equal(out.tokens, ref.tokens)
+    torch.testing.assert_close(out.logprobs, ref.logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.entropy, ref.entropy, rtol=0, atol=1e-5)

@@ -88,6 +88,12 @@ class SamplingConfig:
                            "branch detached.", choices=("cond", "cfg"))
     logprob_chunk: int = _f(0, "Positions per chunk when computing log-probs/entropies, so that "
                             "[N, L, V] fp32 is never materialised at once; 0 = all at once.", min=0)
+    cache: str = _f("dynamic", "Janus only: KV cache of the sampler: 'dynamic' (grows per token) or "
+                    "'static' (fixed-size buffers, as generate() uses; what torch.compile and "
+                    "CUDA graphs need). Same tokens either way.", choices=("dynamic", "static"))
+    compile: bool = _f(False, "Janus only: torch.compile the sampler's decode step (pays a "
+                       "one-time compile, tens of seconds; pays off on GPUs; best with "
+                       "sampling.cache=static).")
     reuse_sample_stats: bool = _f(True, "Take the rollout's old log-probs and entropies from the "
                                   "sampling pass, which already computes the scored distribution, "
                                   "instead of a second teacher-forced pass of the policy (same "

@@ -62,6 +62,8 @@ class SamplingParams:
     top_k: int = 0  # 0 = off (full vocabulary)
     top_p: float = 1.0  # 1.0 = off
     logprob_mode: str = "cond"  # which distribution `SampleOutput.logprobs` is recorded under
+    cache: str = "dynamic"  # KV cache of adapters that offer a choice: "dynamic" or "static"
+    compile: bool = False  # torch.compile the decode step (adapters that support it)
 
     @classmethod
     def from_config(cls, sampling: Any, cfg_scale: float | None = None) -> "SamplingParams":
@@ -69,7 +71,8 @@ class SamplingParams:
         caller (rollout, in-run evaluation, ``stagerl eval``/``sample``) builds them here, so none
         drops a field."""
         return cls(sampling.cfg_scale if cfg_scale is None else cfg_scale, sampling.temperature,
-                   sampling.top_k, sampling.top_p, sampling.logprob_mode)
+                   sampling.top_k, sampling.top_p, sampling.logprob_mode, sampling.cache,
+                   sampling.compile)
 
 
 @dataclass

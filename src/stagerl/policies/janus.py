@@ -214,7 +214,7 @@ class JanusPolicy(nn.Module):
 
     def _sample(self, inputs: PromptInputs, params: SamplingParams,
                 generator: torch.Generator | None, noise: torch.Tensor | None) -> SampleOutput:
-        from transformers import DynamicCache
+        from transformers import DynamicCache, StaticCache
 
         n, length = len(inputs), self.num_image_tokens
         guided = params.cfg_scale != 1.0 or params.logprob_mode == "cfg"
@@ -223,14 +223,18 @@ class JanusPolicy(nn.Module):
             ids = torch.cat([ids, inputs.uncond_ids])  # [2N, T]
             mask = torch.cat([mask, inputs.uncond_mask.long()])  # [2N, T]
         lm = self.core.model.language_model
-        cache = DynamicCache(config=lm.config)
+        if params.cache == "static":  # fixed-size buffers: what torch.compile and CUDA graphs need
+            cache = StaticCache(config=lm.config, max_cache_len=ids.shape[1] + length)
+        else:
+            cache = DynamicCache(config=lm.config)
+        run = self._compiled_trunk() if params.compile else lm
         embeds = self.core.get_input_embeddings()(ids)  # [B, T, H], B = N or 2N
         tokens = torch.zeros(n, length, dtype=torch.long, device=ids.device)  # [N, L]
         scored = torch.zeros(n, length, device=ids.device)  # [N, L]
         behaviour = torch.zeros(n, length, device=ids.device)  # [N, L]
         entropy = torch.zeros(n, length, device=ids.device)  # [N, L]
         for i in range(length):
-            out = lm(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True)
+            out = run(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True)
             cache = out.cache
             logits = self._head(out.last_hidden_state[:, -1])  # [B, V]
             cond, unc = (logits[:n], logits[n:]) if guided else (logits, None)
@@ -249,6 +253,12 @@ class JanusPolicy(nn.Module):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         return SampleOutput(tokens=tokens, logprobs=scored, behaviour_logprobs=behaviour,
                             entropy=entropy)
+
+    def _compiled_trunk(self) -> nn.Module:
+        """The LM trunk under ``torch.compile`` (built once per policy; ``sampling.compile``)."""
+        if getattr(self, "_trunk_compiled", None) is None:
+            self._trunk_compiled = torch.compile(self.core.model.language_model, dynamic=True)
+        return self._trunk_compiled
 
     # ---- images and codes -----------------------------------------------------------------------
     @torch.no_grad()
