@@ -123,9 +123,10 @@ def main() -> None:
     report("shapes model (builtin:shapes, 64 tokens), P=8 x G=8, CFG 2",
            phases(shapes, prompts, 8, 2.0, 0), peak, args.repeats)
 
+    from stagerl.policies.janus import JanusPolicy
     from stagerl.policies.janus_tiny import sized_janus
 
-    janus = sized_janus("1b", layers=2, grid=8)
+    janus = JanusPolicy(*sized_janus("1b", layers=2, grid=8))
     janus.requires_grad_(False)
     janus.core.model.language_model.requires_grad_(True)
     janus.train()

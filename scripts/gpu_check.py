@@ -32,6 +32,7 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+from stagerl.policies.janus import JanusPolicy  # noqa: E402
 from stagerl.policies.janus_tiny import sized_janus  # noqa: E402
 
 LAUNCH_FILES = {"ddp": "ddp", "zero2": "deepspeed_zero2", "zero3": "deepspeed_zero3",
@@ -81,7 +82,7 @@ def time_sampler(dry: bool, device: str) -> dict:
     from stagerl.policies.base import SamplingParams
 
     size, grid, dtype = ("toy", 8, torch.float32) if dry else ("1b", 24, torch.bfloat16)
-    policy = sized_janus(size, layers=2, grid=grid, dtype=dtype, device=device)
+    policy = JanusPolicy(*sized_janus(size, layers=2, grid=grid, dtype=dtype, device=device))
     inputs = policy.encode_prompts(["a red circle", "two blue squares", "a photo of a cat",
                                     "a green triangle above a bench"]).to(device)
     n_tokens = len(inputs) * policy.num_image_tokens
@@ -134,7 +135,7 @@ def measure_memory(dry: bool, device: str) -> dict:
     from stagerl.policies.base import SamplingParams
 
     size, grid, dtype = ("toy", 8, torch.float32) if dry else ("7b", 24, torch.bfloat16)
-    policy = sized_janus(size, layers=2, grid=grid, dtype=dtype, device=device)
+    policy = JanusPolicy(*sized_janus(size, layers=2, grid=grid, dtype=dtype, device=device))
     policy.requires_grad_(False)
     policy.core.model.language_model.requires_grad_(True)
     inputs = policy.encode_prompts(["a photo of a cat"] * 8).to(device)  # one group, G = 8

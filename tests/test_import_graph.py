@@ -12,9 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # entry is a cycle as the script prints it. Remove an entry when its cycle is gone (the test says
 # so); never add one.
 KNOWN = {
-    # janus_lora's LoRA loading/merging calls janus.load_janus; janus_tiny builds a JanusPolicy.
-    ("stagerl.policies.janus", "stagerl.policies.janus_lora"),
-    ("stagerl.policies.janus", "stagerl.policies.janus_tiny"),
     # study_report reads the study's plan; study calls the report writer.
     ("stagerl.study", "stagerl.study_report"),
 }

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from stagerl.errors import UserError
 from stagerl.policies.registry import PolicyPair, register_policy
@@ -37,6 +36,9 @@ from stagerl.policies.base import (LOGPROB_MODES, PromptInputs, SampleOutput, Sa
                                    TokenStats)
 from stagerl.policies.sampling import (behaviour_logits, chunked_token_stats, draw, scored_logits,
                                        token_stats, truncate_logits)  # noqa: F401 (re-exported)
+from stagerl.policies.janus_load import (_DTYPES, check_janus_checkpoint,  # noqa: F401
+                                         is_adapter_dir, load_janus)
+from stagerl.policies import janus_lora
 from stagerl.policies.janus_lora import (JanusReferenceView, add_cli_args, merge_lora,  # noqa: F401
                                         run_cli)  # add_cli_args/run_cli: `stagerl merge-lora`
 
@@ -50,7 +52,6 @@ log = logging.getLogger(__name__)
 # (github.com/deepseek-ai/Janus, README "Text-to-Image Generation"). BOS is prepended separately.
 JANUS_PRO_TEMPLATE = "<|User|>: {prompt}\n\n<|Assistant|>:"
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _special_ids(model: nn.Module, tokenizer: Any) -> tuple[int, int, int]:
@@ -292,9 +293,7 @@ class JanusPolicy(nn.Module):
         if state_dict is not None:
             inner = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
         if self.is_lora:
-            from stagerl.policies.janus_lora import save_adapter
-
-            save_adapter(self, path, inner)
+            janus_lora.save_adapter(self, path, inner)
         else:
             self.core.save_pretrained(path, state_dict=inner)
         self.processor.save_pretrained(path)
@@ -321,60 +320,6 @@ def set_trainable(model: nn.Module, patterns: list[str]) -> int:
 
 
 # ---- loading and the builder ----------------------------------------------------------------------
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
-
-
-def check_janus_checkpoint(path: str, what: str = "model.path") -> None:
-    """Refuse, before any weights load, a local folder that is not a Janus checkpoint (a LoRA
-    adapter folder of ours counts as one). Hub ids are checked by ``from_pretrained``."""
-    import json
-
-    from stagerl.policies import janus_lora
-
-    local = os.path.expanduser(path)
-    if not os.path.exists(local):
-        if _looks_local(path):
-            raise UserError(f"{what}: no such directory: {path}")
-        return
-    if janus_lora.is_adapter_dir(local):
-        return
-    config = os.path.join(local, "config.json")
-    if not os.path.isfile(config):
-        raise UserError(f"{what}: {path} is not a model folder (no config.json)")
-    try:
-        model_type = json.loads(open(config, encoding="utf-8").read()).get("model_type")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        raise UserError(f"{what}: {config} is not a readable JSON config") from None
-    if model_type != "janus":
-        raise UserError(f"{what}: {path} holds a {model_type!r} model, not a Janus checkpoint "
-                        f"(config.json model_type must be 'janus')")
-
-
-def load_janus(path: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """``JanusForConditionalGeneration`` + processor from a local dir or hub id; UserError if not."""
-    from transformers import AutoProcessor, AutoTokenizer, JanusForConditionalGeneration
-
-    check_janus_checkpoint(path)
-    path = os.path.expanduser(path)
-    try:
-        model = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    except Exception as err:  # OSError, ValueError, hub errors: all mean "cannot use this path"
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"model.path: could not load a Janus model from {path!r}: {first}") from None
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except Exception:  # a checkpoint without processor files: the tokenizer is enough to sample
-        log.warning("no processor found at %s; using its tokenizer only", path)
-        try:
-            processor = AutoTokenizer.from_pretrained(path)
-        except Exception as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UserError(f"model.path: no Janus processor or tokenizer at {path!r}: {first}"
-                            ) from None
-    return model, processor
-
-
 def _enable_checkpointing(model: nn.Module) -> None:
     """Recompute LM layers in backward. Non-reentrant, so gradients reach the LM even when its
     inputs (frozen embeddings) need none. transformers >= 5.x renamed the method."""
@@ -386,14 +331,12 @@ def _enable_checkpointing(model: nn.Module) -> None:
 
 def _base_model(model_cfg: Any, dtype: torch.dtype) -> tuple[nn.Module, Any, str | None]:
     """(model, processor, base path for LoRA merges) from ``model_cfg``."""
-    from stagerl.policies import janus_lora
-
     if model_cfg.tiny_random:
         from stagerl.policies.janus_tiny import build_tiny_janus
 
         model, processor = build_tiny_janus()
         return model.to(dtype), processor, None
-    if janus_lora.is_adapter_dir(model_cfg.path):  # continue from a LoRA checkpoint
+    if is_adapter_dir(model_cfg.path):  # continue from a LoRA checkpoint
         model, processor, base = janus_lora.load_adapter_checkpoint(model_cfg.path, dtype,
                                                                     trainable=model_cfg.lora)
         return model, processor, base
@@ -408,8 +351,6 @@ def build_janus(model_cfg: Any, need_reference: bool) -> PolicyPair:
     Full fine-tuning: ``model_cfg.train_modules`` train, the reference is a frozen deep copy.
     LoRA: only adapter weights train; the reference is the adapter disabled (no weight copy).
     """
-    from stagerl.policies import janus_lora
-
     if model_cfg.dtype not in _DTYPES:
         raise UserError(f"model.dtype: expected one of {', '.join(_DTYPES)}, got {model_cfg.dtype!r}")
     model, processor, base = _base_model(model_cfg, _DTYPES[model_cfg.dtype])

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from stagerl.errors import UserError
+from stagerl.policies.janus_load import _DTYPES, is_adapter_dir, load_janus
 from stagerl.policies.base import PromptInputs, TokenStats
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,6 @@ def add_lora(model: nn.Module, model_cfg: Any) -> nn.Module:
         raise UserError(f"model.lora_target_modules: {str(err).splitlines()[0]}") from None
 
 
-def is_adapter_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(os.path.expanduser(path), "adapter_config.json"))
 
 
 def _base_state_dict(core: nn.Module) -> dict[str, torch.Tensor]:
@@ -161,7 +160,6 @@ def load_adapter_checkpoint(adapter_dir: str, dtype: torch.dtype, trainable: boo
     """(PeftModel, processor, base path) from a LoRA checkpoint directory."""
     from peft import PeftModel
 
-    from stagerl.policies.janus import load_janus
 
     adapter_dir = os.path.expanduser(adapter_dir)
     base_path = resolve_base(adapter_dir, base)
@@ -177,7 +175,6 @@ def load_adapter_checkpoint(adapter_dir: str, dtype: torch.dtype, trainable: boo
 def merge_lora(adapter_dir: str, out_dir: str, base: str | None = None,
                dtype: str = "float32") -> str:
     """Fold a LoRA adapter into its base weights; write a full Janus checkpoint + processor."""
-    from stagerl.policies.janus import _DTYPES
 
     if not is_adapter_dir(adapter_dir):
         raise UserError(f"{adapter_dir}: not a LoRA checkpoint (no adapter_config.json)")

@@ -112,11 +112,10 @@ WIDTHS = {"1b": (2048, 5632, 16, 16, 102400), "7b": (4096, 11008, 32, 32, 102400
 
 def sized_janus(size: str, layers: int, grid: int, dtype: torch.dtype = torch.float32,
                 device: str = "cpu"):
-    """A random-weight JanusPolicy with the widths and vocabularies of Janus-Pro-``size``
+    """A random-weight Janus (model, processor) with the widths and vocabularies of Janus-Pro-``size``
     (``1b``, ``7b``; ``toy`` for CPU dry runs) but ``layers`` LM layers and a ``grid`` x ``grid``
     image-token canvas: real FLOP and memory shapes per layer without real weights (benchmarks,
     the GPU check)."""
-    from stagerl.policies.janus import JanusPolicy
 
     hidden, inter, heads, kv, vocab = WIDTHS[size]
     tok = build_tiny_tokenizer()
@@ -142,4 +141,4 @@ def sized_janus(size: str, layers: int, grid: int, dtype: torch.dtype = torch.fl
     model.generation_config = generation_config_for(tok)
     processor = JanusProcessor(image_processor=JanusImageProcessorPil(), tokenizer=tok,
                                num_image_tokens=grid * grid)
-    return JanusPolicy(model, processor)
+    return model, processor
