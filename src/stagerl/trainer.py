@@ -107,7 +107,7 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     tracker = Tracker(run_dir, cfg.log.tensorboard, cfg.log.wandb, cfg.log.wandb_project,
                       enabled=main)
-    eval_before = _evaluate(cfg, policy, accelerator, tracker, state.step, "before") \
+    eval_before = _evaluate(cfg, policy, accelerator, tracker, state.step, "before", progress) \
         if state.step == 0 else _read_eval(run_dir, "before")
     norm0 = distributed.param_norm(engine, model)  # the divergence check's reference
 
@@ -156,7 +156,7 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
     if latest_checkpoint(ckpt_root) != ckpt_root / f"step_{state.step:06d}":
         save_checkpoint(accelerator, ckpt_root, state, to_yaml(cfg))
     _export(accelerator, engine, model, policy, run_dir / "final")
-    eval_after = _evaluate(cfg, policy, accelerator, tracker, state.step, "after")
+    eval_after = _evaluate(cfg, policy, accelerator, tracker, state.step, "after", progress)
     tracker.close()
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, state.step, state.total_skips, eval_before, eval_after,
@@ -318,7 +318,7 @@ def _log_grid(tracker: Tracker, ro: Rollout, step: int, G: int) -> None:
 
 
 def _evaluate(cfg: Config, policy: Policy, accelerator: Any, tracker: Tracker, step: int,
-              tag: str) -> dict[str, Any] | None:
+              tag: str, progress: Any = None) -> dict[str, Any] | None:
     """Held-out shapes evaluation (strict GenEval rules) on the main process, with the run's
     sampling settings and ``log.eval_seed`` (docs/design.md §13: the one shapes evaluation)."""
     if cfg.log.eval_prompts == 0 or not cfg.data.source.startswith("shapes:"):
@@ -327,8 +327,8 @@ def _evaluate(cfg: Config, policy: Policy, accelerator: Any, tracker: Tracker, s
     if accelerator.is_main_process:
         result = evaluate_suite(policy, cfg.log.eval_suite, cfg.log.eval_prompts,
                                 cfg.log.eval_images_per_prompt,
-                                SamplingParams.from_config(cfg.sampling), cfg.log.eval_seed
-                                ).to_dict()
+                                SamplingParams.from_config(cfg.sampling), cfg.log.eval_seed,
+                                progress=progress).to_dict()
         tracker.log(step, {f"eval/{k}": v for k, v in result["strict"].items()})
         (tracker.run_dir / f"eval_{tag}.json").write_text(json.dumps(result, indent=1))
     accelerator.wait_for_everyone()
