@@ -235,3 +235,29 @@ def test_diverging_run_stops_and_writes_no_final_model(tmp_path, tiny_model_dir)
     assert "run.max_weight_growth" in str(err.value)
     assert not (tmp_path / "r" / "final").exists()
     assert not list((tmp_path / "r").glob("checkpoints/step_*"))
+
+
+def test_wandb_run_gets_the_resolved_config(tmp_path, tiny_model_dir, monkeypatch):
+    """log.wandb=true hands W&B the whole resolved config (a fake wandb module stands in)."""
+    import sys
+    import types
+
+    seen = {}
+
+    class FakeRun:
+        def log(self, metrics, step):
+            seen.setdefault("steps", []).append(step)
+
+        def finish(self):
+            seen["finished"] = True
+
+    import importlib.machinery
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: seen.update(kw) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = _cfg(tmp_path, tiny_model_dir, "log.wandb=true", "log.wandb_project=p", "run.steps=1")
+    trainer_mod.train(cfg)
+    assert seen["project"] == "p" and seen["config"]["optim"]["lr"] == 1e-2
+    assert seen["config"]["algo"]["loss_agg"] == "group_weighted_mean" and seen["steps"]

@@ -7,6 +7,7 @@ One step = one rollout of P prompts x G samples (split across processes by whole
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -106,7 +107,7 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
     if main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     tracker = Tracker(run_dir, cfg.log.tensorboard, cfg.log.wandb, cfg.log.wandb_project,
-                      enabled=main)
+                      config=dataclasses.asdict(cfg), enabled=main)  # W&B records the config
     eval_before = _evaluate(cfg, policy, accelerator, tracker, state.step, "before", progress) \
         if state.step == 0 else _read_eval(run_dir, "before")
     norm0 = distributed.param_norm(engine, model)  # the divergence check's reference
