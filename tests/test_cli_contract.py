@@ -582,3 +582,33 @@ def test_tiny_model_warns_once_about_words_it_does_not_know(caplog):
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT / "src"))
     _drive(sys.argv[1], sys.argv[2])
+
+
+def test_study_progress_is_a_bar_over_runs_on_a_terminal(monkeypatch):
+    """`stagerl study` turns its "[k/N] run" messages into one bar with an ETA over the N runs."""
+    from stagerl import cli
+
+    class FakeBar:
+        def __init__(self, total, **kw):
+            self.total, self.n, self.postfix, self.lines = total, 0, "", []
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix_str(self, s):
+            self.postfix = s
+
+        def write(self, s):
+            self.lines.append(s)
+
+    made = []
+    monkeypatch.setattr(cli, "_progress", lambda enabled=True: lambda **kw: made.append(
+        FakeBar(**kw)) or made[-1])
+    report = cli._study_progress()
+    report("[1/3] stage-s0")
+    report("[1/3] stage-s0 done")
+    report("[2/3] stage-s1")
+    report("planning: 3 runs")
+    bar = made[0]
+    assert len(made) == 1 and bar.total == 3 and bar.n == 1
+    assert bar.postfix == "stage-s1" and bar.lines == ["planning: 3 runs"]

@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -461,10 +462,33 @@ def _check_pretrain_numbers(args: argparse.Namespace) -> None:
                 raise UserError(f"pretrain: {flag} must be {span}, got {values}")
 
 
+def _study_progress() -> Callable[[str], None]:
+    """The study reports "[k/N] run" and "[k/N] run done"; on a terminal that becomes a bar over
+    the N runs with an ETA, elsewhere one printed line per message."""
+    factory = _progress()
+    if factory is None:
+        return lambda msg: print(msg, flush=True)
+    bars: list[Any] = []
+
+    def report(msg: str) -> None:
+        m = re.match(r"\[(\d+)/(\d+)\] (.*?)( done)?$", msg)
+        if m is None:
+            (bars[0].write if bars else print)(msg)
+            return
+        if not bars:
+            bars.append(factory(total=int(m.group(2)), desc="study runs", unit="run"))
+        if m.group(4):
+            bars[0].update(1)
+        else:
+            bars[0].set_postfix_str(m.group(3))
+
+    return report
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from stagerl.study import run_from_args
 
-    summary, paths = run_from_args(args, progress=lambda msg: print(msg, flush=True))
+    summary, paths = run_from_args(args, progress=_study_progress())
     print(f"study finished in {summary['wall_seconds'] / 60:.1f} min "
           f"({summary['reused_runs']} of {len(summary['runs'])} runs reused)")
     for p in paths:
