@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -648,8 +649,19 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     return args
 
 
+def _quiet_deepspeed_on_cpu() -> None:
+    """DeepSpeed, once installed, is imported by accelerate and warns on every CPU run that it
+    "could not detect" a GPU; naming its CPU accelerator up front says the same thing quietly."""
+    if "DS_ACCELERATOR" not in os.environ and importlib.util.find_spec("deepspeed") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    _quiet_deepspeed_on_cpu()
     try:
         args = _parse(build_parser(), argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
