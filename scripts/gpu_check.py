@@ -103,9 +103,7 @@ def time_sampler(dry: bool, device: str) -> dict:
 
     def theirs():
         torch.manual_seed(123)
-        return policy.core.generate(inputs=inputs.cond_ids, attention_mask=inputs.cond_mask,
-                                    generation_mode="image", do_sample=True, top_k=0,
-                                    guidance_scale=5.0)
+        return policy.sample_with_generate(inputs, 5.0)
 
     def static(compile_step: bool):
         def fn():

@@ -71,9 +71,7 @@ def test_sampling_logprobs_match_teacher_forcing(small: JanusPolicy, mode: str) 
 def test_own_cfg_loop_reproduces_generate(small: JanusPolicy) -> None:
     inp = small.encode_prompts(PROMPTS)
     torch.manual_seed(123)
-    ref = small.core.generate(inputs=inp.cond_ids, attention_mask=inp.cond_mask,
-                              generation_mode="image", do_sample=True, top_k=0,
-                              guidance_scale=5.0)
+    ref = small.sample_with_generate(inp, 5.0)
     torch.manual_seed(123)
     ours = small.sample(inp, SamplingParams(cfg_scale=5.0)).tokens
     assert torch.equal(ref, ours)

@@ -255,6 +255,15 @@ class JanusPolicy(nn.Module):
         return SampleOutput(tokens=tokens, logprobs=scored, behaviour_logprobs=behaviour,
                             entropy=entropy)
 
+    @torch.no_grad()
+    def sample_with_generate(self, inputs: PromptInputs, cfg_scale: float) -> torch.Tensor:
+        """[N, L] tokens from transformers' own ``generate(generation_mode="image")``, full softmax
+        (``top_k=0``; it would silently apply top-k 50). The reference our sampler is checked and
+        timed against: from the same global seed both draw the same tokens."""
+        return self.core.generate(inputs=inputs.cond_ids, attention_mask=inputs.cond_mask,
+                                  generation_mode="image", do_sample=True, top_k=0,
+                                  guidance_scale=cfg_scale)
+
     def _compiled_trunk(self) -> nn.Module:
         """The LM trunk under ``torch.compile`` (built once per policy; ``sampling.compile``)."""
         if getattr(self, "_trunk_compiled", None) is None:
