@@ -175,6 +175,12 @@ def test_plans_and_configs(tmp_path):
     assert names[:9] == [f"{r}-s{s}" for s in range(3) for r in study_mod.COMPARE_ROWS]
     assert [n for n in names if "token_norm" in n] == [f"stage-token_norm-s{s}" for s in range(3)]
     assert names[-6:] == [f"{r}-s{s}" for s in range(3) for r in ("wo_kl", "wo_ent_kl")]
+    # A shorter sweep has its own x1 runs; the main runs stay as they are.
+    short = study_mod.plan_jobs(study_mod.StudyPlan(rows=["stage"], compare_rows=["stage"],
+                                                    lr_sweep=[2.0], sweep_steps=24, seeds=[0]))
+    assert [j.name for j in short] == ["stage-s0", "stage-lr1-24st-s0", "stage-lr2-24st-s0"]
+    cfg24 = study_mod.run_config(full, tmp_path, "stage", 0, None, 2.0, 24)
+    assert cfg24.run.steps == 24 and cfg24.run.name == "stage-lr2-24st-s0"
     with pytest.raises(Exception, match="sweep in main"):
         study_mod.plan_jobs(study_mod.StudyPlan(conditions=["token_norm"], lr_sweep=[2.0],
                                                 sweep_in=["token_norm"]))

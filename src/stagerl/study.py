@@ -109,6 +109,9 @@ class StudyPlan:
     lr_sweep: list[float] = field(default_factory=list)  # lr multiples besides 1
     sweep_in: list[str] = field(default_factory=lambda: [MAIN])  # settings the sweep runs in
     sweep_seeds: int = 3
+    # Steps of every sweep run, x1 included; 0 = the plan's steps (the x1 runs are then the main
+    # runs). Fewer steps buy seeds and learning rates when time is short (docs/study.md).
+    sweep_steps: int = 0
 
     @classmethod
     def quick(cls) -> "StudyPlan":
@@ -125,30 +128,33 @@ class Job:
     seed: int
     condition: str | None = None
     lr_mult: float = 1.0
+    steps: int = 0  # 0 = the plan's steps
 
     @property
     def name(self) -> str:
-        return run_name(self.row, self.seed, self.condition, self.lr_mult)
+        return run_name(self.row, self.seed, self.condition, self.lr_mult, self.steps)
 
 
 # --------------------------------------------------------------------------------------------------
 # Runs
 
 
-def run_name(row: str, seed: int, condition: str | None = None, lr_mult: float = 1.0) -> str:
+def run_name(row: str, seed: int, condition: str | None = None, lr_mult: float = 1.0,
+             steps: int = 0) -> str:
     parts = [row] + ([condition] if condition else []) + \
-        ([f"lr{lr_mult:g}"] if lr_mult != 1.0 else [])
+        ([f"lr{lr_mult:g}"] if lr_mult != 1.0 or steps else []) + ([f"{steps}st"] if steps else [])
     return "-".join(parts) + f"-s{seed}"
 
 
 def run_config(plan: StudyPlan, out: Path, row: str, seed: int,
-               condition: str | None = None, lr_mult: float = 1.0) -> Config:
+               condition: str | None = None, lr_mult: float = 1.0,
+               job_steps: int = 0) -> Config:
     """The resolved config of one run: the row's YAML + the study's bookkeeping + the plan."""
     path = Path(plan.config_dir) / f"{row}.yaml"
     if not path.is_file():
         raise UserError(f"study: no config for row {row!r} at {path} (rows: {', '.join(ROWS)})")
     base = load_config(str(path), [f"model.path={plan.model}", *plan.overrides])
-    steps = plan.steps or base.run.steps
+    steps = job_steps or plan.steps or base.run.steps
     extra: list[str] = []
     if condition:
         cond = CONDITIONS[condition]
@@ -157,8 +163,9 @@ def run_config(plan: StudyPlan, out: Path, row: str, seed: int,
     if lr_mult != 1.0:
         extra.append(f"optim.lr={base.optim.lr * lr_mult!r}")
     every = max(1, steps // max(1, plan.curve_points + 1)) if plan.curve_points else 0
+    name = run_name(row, seed, condition, lr_mult, job_steps)
     ov = [f"model.path={plan.model}", f"run.seed={seed}", f"run.steps={steps}",
-          f"run.out_dir={out / 'runs'}", f"run.name={run_name(row, seed, condition, lr_mult)}",
+          f"run.out_dir={out / 'runs'}", f"run.name={name}",
           "run.resume=false", "run.save_every=0", "log.tensorboard=false", "log.wandb=false",
           "log.progress=false", "log.image_every=0", f"log.eval_suite={plan.curve_suite}",
           f"log.eval_prompts={plan.curve_prompts if plan.curve_points else 0}",
@@ -300,14 +307,15 @@ def plan_jobs(plan: StudyPlan) -> list[Job]:
         if cond is not None and "rows" in CONDITIONS[cond]:
             raise UserError(f"--sweep-in {cond}: this condition changes only "
                             f"{', '.join(CONDITIONS[cond]['rows'])}; sweep in main instead")
-        jobs += [Job(r, s, cond, m) for s in plan.seeds[:plan.sweep_seeds]
+        steps = 0 if plan.sweep_steps in (0, plan.steps) else plan.sweep_steps
+        jobs += [Job(r, s, cond, m, steps) for s in plan.seeds[:plan.sweep_seeds]
                  for m in [1.0, *plan.lr_sweep] for r in plan.compare_rows]
     jobs += [Job(r, s) for s in plan.seeds for r in plan.rows]
     return list(dict.fromkeys(jobs))
 
 
 def _run_job(plan: StudyPlan, out: Path, base: Any, job: Job) -> dict[str, Any]:
-    cfg = run_config(plan, out, job.row, job.seed, job.condition, job.lr_mult)
+    cfg = run_config(plan, out, job.row, job.seed, job.condition, job.lr_mult, job.steps)
     t0 = time.perf_counter()
     run_dir, seconds, reused = train_or_reuse(cfg)
     policy = _load(run_dir / "final")
@@ -315,6 +323,7 @@ def _run_job(plan: StudyPlan, out: Path, base: Any, job: Job) -> dict[str, Any]:
     log.info("%s: trained in %.0f s%s, evaluated in %.0f s", run_dir.name, seconds,
              " (reused)" if reused else "", time.perf_counter() - t0 - (0 if reused else seconds))
     return {"row": job.row, "seed": job.seed, "condition": job.condition, "lr_mult": job.lr_mult,
+            "job_steps": job.steps,
             "run_dir": str(run_dir), "train_seconds": seconds, "reused": reused, "eval": ev,
             "curve": run_curve(run_dir, cfg.run.steps), "steps": cfg.run.steps,
             "samples": cfg.run.steps * cfg.sampling.prompts_per_step * cfg.sampling.group_size,
@@ -450,6 +459,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                              f"conditions (default: %(default)s)")
     parser.add_argument("--sweep-seeds", type=int_arg(1), default=None,
                         help="seeds per sweep run, at most --seeds (default: --seeds)")
+    parser.add_argument("--sweep-steps", type=int_arg(1), default=None,
+                        help="steps of every sweep run, x1 included (default: --steps; the x1 "
+                             "runs are then the main runs)")
     parser.add_argument("--curve-points", type=int_arg(0), default=None,
                         help="held-out evaluations during training, 0 = none (default: 7; 2 with "
                              "--quick)")
@@ -492,6 +504,8 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
     plan.sweep_in = [s.strip() for s in args.sweep_in.split(",") if s.strip()] \
         if plan.lr_sweep else []
     plan.sweep_seeds = args.sweep_seeds or args.seeds
+    if args.sweep_steps is not None:
+        plan.sweep_steps = args.sweep_steps
     check_plan(plan, args)
     return plan
 

@@ -69,7 +69,7 @@ def group_runs(summary: dict[str, Any]) -> dict[tuple[str, str | None], list[dic
     """(row, condition) -> per-seed flat metrics, at the plan's learning rate (no sweep runs)."""
     groups: dict[tuple[str, str | None], list[dict[str, float]]] = {}
     for r in summary["runs"]:
-        if r.get("lr_mult", 1.0) == 1.0:
+        if r.get("lr_mult", 1.0) == 1.0 and not r.get("job_steps"):
             groups.setdefault((r["row"], r["condition"]), []).append(flat_metrics(r["eval"]))
     return groups
 
@@ -118,7 +118,7 @@ def compare(a: list[float], b: list[float], higher_better: bool | None) -> dict[
         word = "within seed noise" if not clear else "different"
     else:
         word = "better" if (d > 0) == higher_better else "worse"
-    return {"a": ma, "b": mb, "d": d, "se": se, "clear": clear, "word": word}
+    return {"a": ma, "b": mb, "d": d, "se": se, "clear": clear, "word": word, "na": na, "nb": nb}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,7 +167,8 @@ def quality_table(summary: dict, groups: dict) -> str:
 def _sentence(label: str, c: dict[str, Any], a_name: str, b_name: str) -> str:
     k = max(_digits(c["a"]), _digits(c["b"]), _digits(c["d"]))
     diff = (f"{c['a']:.{k}f} vs {c['b']:.{k}f} (difference {c['d']:+.{k}f}, "
-            f"2 se = {2 * c['se']:.{k}f})")
+            f"2 se = {2 * c['se']:.{k}f}; " + (f"{c['na']} vs {c['nb']} seeds)" if c["nb"] > 1
+                                               else f"{c['na']} seeds vs one evaluation)"))
     if c["word"] in ("better", "worse"):
         return f"- **{label}**: {a_name} is {c['word']} than {b_name}: {diff}."
     return f"- **{label}**: no clear difference between {a_name} and {b_name}: {diff}."
@@ -253,7 +254,7 @@ DRIFT = [("test/strict/overall", "in-distribution strict", True),
          ("quality/entropy_gap", "entropy gap to base", False)]
 
 
-def drift_section(summary: dict, groups: dict) -> list[str]:
+def drift_section(summary: dict, groups: dict, figures: dict[str, str]) -> list[str]:
     """For each reward condition: absolute values, the drift of vanilla GRPO (vs the base model and
     vs vanilla GRPO trained on the strict reward) and each method against vanilla GRPO."""
     from stagerl.study import CONDITIONS
@@ -268,6 +269,9 @@ def drift_section(summary: dict, groups: dict) -> list[str]:
         lines += [f"## Drift setting `{cond}`: {CONDITIONS[cond]['help']}", "",
                   "Trained on this reward, evaluated with the strict rule and every quality "
                   "measure (docs/study.md, \"The drift setting\").", ""]
+        if f"drift:{cond}" in figures:
+            lines += [f"![held-out strict and lenient scores during training, `{cond}`]"
+                      f"({figures[f'drift:{cond}']})", ""]
         keys = [(k, lab) for k, lab, _ in DRIFT]
         rows = {LABELS["base"]: {lab: fmt([base.get(k, float("nan"))]) for k, lab in keys}}
         main_van = groups.get(("vanilla_grpo", None))
@@ -303,9 +307,10 @@ def sweep_runs(summary: dict) -> dict[str | None, dict[str, dict[float, list[dic
     plan = summary["plan"]
     settings = [None if s == "main" else s for s in plan.get("sweep_in") or []]
     rows = plan.get("compare_rows") or []
+    steps = 0 if plan.get("sweep_steps", 0) in (0, plan["steps"]) else plan["sweep_steps"]
     out: dict[str | None, dict[str, dict[float, list[dict]]]] = {}
     for r in summary["runs"]:
-        if r["condition"] in settings and r["row"] in rows:
+        if r["condition"] in settings and r["row"] in rows and r.get("job_steps", 0) == steps:
             out.setdefault(r["condition"], {}).setdefault(r["row"], {}).setdefault(
                 float(r.get("lr_mult", 1.0)), []).append(r)
     return {s: out[s] for s in settings if s in out}
@@ -368,8 +373,14 @@ def sweep_section(summary: dict, figures: dict[str, str]) -> list[str]:
         return []
     plan, cfg = summary["plan"], summary["config"]
     curve_key = f"{plan['curve_suite']}/strict/overall"
+    sweep_steps = plan.get("sweep_steps") or cfg["steps"]
+    n_seeds = max(len(runs) for by_row in sweeps.values() for by_lr in by_row.values()
+                  for runs in by_lr.values())
+    which = ("the x1 runs are the main runs" if sweep_steps == cfg["steps"] else
+             "shorter than the main runs, so the x1 runs are separate runs")
     lines = ["## Learning-rate sweep and the reward-KL frontier", "",
-             f"Vanilla GRPO, +Ent and STAGE at {len(next(iter(sweeps.values()))['stage'])} seeds x "
+             f"Vanilla GRPO, +Ent and STAGE, {sweep_steps} steps per run ({which}), "
+             f"at {n_seeds} seeds x "
              f"learning rates {', '.join(f'{m:g}' for m in sorted({1.0, *plan['lr_sweep']}))} x "
              f"{cfg['lr']:g}. The frontier plots, for every run, the held-out strict score of each "
              f"in-training evaluation ({plan['curve_prompts']} `{plan['curve_suite']}` prompts x "
@@ -492,7 +503,7 @@ def render_markdown(summary: dict, command: str, figures: dict[str, str],
               "column (without the entropy bonus), smoothed with a moving average. Rows without "
               "a reference model (w/o Ent & KL) log no KL or reference entropy during training; "
               "their final KL is in the quality table.", ""]
-    lines += drift_section(summary, groups)
+    lines += drift_section(summary, groups, frontiers or {})
     lines += sweep_section(summary, frontiers or {})
     lines += conditions_section(summary, groups)
     return "\n".join(lines) + "\n"
@@ -548,7 +559,7 @@ def write_plots(summary: dict, docs: Path, prefix: str = "results") -> dict[str,
 
     dirs: dict[str, list[str]] = {}
     for r in summary["runs"]:
-        if r["condition"] is None and r.get("lr_mult", 1.0) == 1.0:
+        if r["condition"] is None and r.get("lr_mult", 1.0) == 1.0 and not r.get("job_steps"):
             dirs.setdefault(r["row"], []).append(r["run_dir"])
     steps = summary["config"]["steps"]
     written = {}
@@ -627,6 +638,46 @@ def write_frontiers(summary: dict, docs: Path, prefix: str = "results") -> dict[
     return written
 
 
+def write_drift_curves(summary: dict, docs: Path, prefix: str = "results") -> dict[str, str]:
+    """Per reward condition: the in-training held-out score under the strict rule (solid) and the
+    lenient rule (dashed), mean over seeds per method. Returns {"drift:<condition>": file name}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = {}
+    for cond in [c for c in summary["plan"].get("conditions") or [] if c in REWARD_CONDITIONS]:
+        by_row: dict[str, list[dict]] = {}
+        for r in summary["runs"]:
+            if r["condition"] == cond and r.get("lr_mult", 1.0) == 1.0 and r.get("curve") \
+                    and not r.get("job_steps"):
+                by_row.setdefault(r["row"], []).append(r)
+        if not by_row:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+        for i, (row, runs) in enumerate(by_row.items()):
+            steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in runs)))
+            for key, style in (("heldout", "-"), ("heldout_lenient", "--")):
+                vals = np.array([[next(p[key] for p in r["curve"] if p["step"] == st)
+                                  for st in steps] for r in runs])
+                rule = "strict" if key == "heldout" else "lenient"
+                ax.plot(steps, vals.mean(0), style, color=f"C{i}", marker="o", ms=3,
+                        label=f"{LABELS.get(row, row)}, {rule}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"held-out score ({summary['plan']['curve_suite']})")
+        ax.set_title(f"Trained on `{cond}`: held-out strict (solid) and lenient (dashed)",
+                     fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fname = f"{prefix}_drift_{cond}.png"
+        fig.savefig(docs / fname)
+        plt.close(fig)
+        written[f"drift:{cond}"] = fname
+    return written
+
+
 def write_grid(summary: dict, docs: Path, out: Path, prefix: str = "results") -> str | None:
     """Base / vanilla GRPO / STAGE (first seed) on the same prompts and sampling seeds."""
     from PIL import Image, ImageDraw, ImageFont
@@ -640,6 +691,7 @@ def write_grid(summary: dict, docs: Path, out: Path, prefix: str = "results") ->
     models = [("base model", plan["model"])]
     for r in summary["runs"]:
         if r["condition"] is None and r.get("lr_mult", 1.0) == 1.0 and r["seed"] == seed0 \
+                and not r.get("job_steps") \
                 and r["row"] in ("vanilla_grpo", "stage"):
             models.append((f"{LABELS[r['row']]} (seed {seed0})", str(Path(r["run_dir"]) / "final")))
     if len(models) < 2:
@@ -681,7 +733,8 @@ def write_report(summary: dict, docs: str | Path, out: str | Path, command: str,
     docs, out = Path(docs), Path(out)
     docs.mkdir(parents=True, exist_ok=True)
     figures = {title: fname for title, fname in write_plots(summary, docs, prefix).items()}
-    frontiers = write_frontiers(summary, docs, prefix)
+    frontiers = {**write_frontiers(summary, docs, prefix),
+                 **write_drift_curves(summary, docs, prefix)}
     grid = write_grid(summary, docs, out, prefix)
     text = render_markdown(summary, command, figures, frontiers)
     if grid:
