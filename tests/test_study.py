@@ -224,7 +224,7 @@ def test_frontier_helpers_interpolate_at_matched_kl():
               "stage": {1.0: [run([0, 0.01, 0.02], [0.5, 0.7, 0.8])] * 2,
                         2.0: [run([0, 0.02, 0.06], [0.5, 0.85, 0.6])] * 2}}
     # STAGE's lr x2 seeds reach 0.06, vanilla's lr x2 reach 0.08: the levels stop at 0.06.
-    assert frontier_levels(by_row) == pytest.approx([0.015, 0.03, 0.045, 0.06])
+    assert frontier_levels(by_row) == pytest.approx([0.00375, 0.0075, 0.015, 0.03, 0.06])
     got = matched_kl(by_row, 0.02)
     assert got["vanilla_grpo"][0] == 1.0 and got["vanilla_grpo"][1] == pytest.approx([0.6, 0.6])
     assert got["stage"][0] == 2.0 and got["stage"][1] == pytest.approx([0.85, 0.85])

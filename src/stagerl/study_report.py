@@ -308,12 +308,26 @@ def sweep_runs(summary: dict) -> dict[str | None, dict[str, dict[float, list[dic
     settings = [None if s == "main" else s for s in plan.get("sweep_in") or []]
     rows = plan.get("compare_rows") or []
     steps = 0 if plan.get("sweep_steps", 0) in (0, plan["steps"]) else plan["sweep_steps"]
-    out: dict[str | None, dict[str, dict[float, list[dict]]]] = {}
+    out: dict[str | None, dict[str, dict[Any, list[dict]]]] = {}
     for r in summary["runs"]:
         if r["condition"] in settings and r["row"] in rows and r.get("job_steps", 0) == steps:
             out.setdefault(r["condition"], {}).setdefault(r["row"], {}).setdefault(
                 float(r.get("lr_mult", 1.0)), []).append(r)
+    # A shorter sweep: the setting's full-length x1 runs join the frontier as one more option,
+    # keyed by a label (they are not candidates for "best lr", which compares equal budgets).
+    for r in summary["runs"] if steps else []:
+        if r["condition"] in out and r["row"] in out[r["condition"]] \
+                and r.get("lr_mult", 1.0) == 1.0 and not r.get("job_steps"):
+            out[r["condition"]][r["row"]].setdefault(f"x1, {r['steps']} steps", []).append(r)
     return {s: out[s] for s in settings if s in out}
+
+
+def _lr_label(m: Any) -> str:
+    return m if isinstance(m, str) else f"x{m:g}"
+
+
+def _lr_order(m: Any) -> tuple[bool, str]:
+    return isinstance(m, str), str(m)
 
 
 def _score_at_kl(curve: list[dict[str, float]], k: float) -> float | None:
@@ -330,7 +344,8 @@ def _score_at_kl(curve: list[dict[str, float]], k: float) -> float | None:
 
 def frontier_levels(by_row: dict[str, dict[float, list[dict]]]) -> list[float]:
     """KL levels every method reaches: for each method, the largest KL that all seeds of one of
-    its learning rates reach; the levels are 1/4, 1/2, 3/4 and all of the smallest of those."""
+    its learning rates reach; the levels are 1/16, 1/8, 1/4, 1/2 and all of the smallest of those
+    (halvings, to cover the low-KL end where the smaller learning rates live)."""
     reach = []
     for by_lr in by_row.values():
         best = 0.0
@@ -340,7 +355,7 @@ def frontier_levels(by_row: dict[str, dict[float, list[dict]]]) -> list[float]:
             best = max(best, min(tops) if tops else 0.0)
         reach.append(best)
     top = min(reach) if reach else 0.0
-    return [top * f for f in (0.25, 0.5, 0.75, 1.0)] if top > 0 else []
+    return [top * f for f in (0.0625, 0.125, 0.25, 0.5, 1.0)] if top > 0 else []
 
 
 def matched_kl(by_row: dict[str, dict[float, list[dict]]], k: float
@@ -350,7 +365,7 @@ def matched_kl(by_row: dict[str, dict[float, list[dict]]], k: float
     out = {}
     for row, by_lr in by_row.items():
         best = None
-        for m, runs in sorted(by_lr.items()):
+        for m, runs in sorted(by_lr.items(), key=lambda kv: _lr_order(kv[0])):
             vals = [_score_at_kl(r["curve"], k) for r in runs]
             if len(vals) < 2 or any(v is None for v in vals):
                 continue
@@ -363,8 +378,8 @@ def matched_kl(by_row: dict[str, dict[float, list[dict]]], k: float
 
 def best_lr(by_lr: dict[float, list[dict]], key: str) -> float:
     """The lr multiple with the highest mean final ``key`` over seeds."""
-    return max(by_lr, key=lambda m: np.mean([flat_metrics(r["eval"]).get(key, -1.0)
-                                             for r in by_lr[m]]))
+    return max((m for m in by_lr if not isinstance(m, str)),
+               key=lambda m: np.mean([flat_metrics(r["eval"]).get(key, -1.0) for r in by_lr[m]]))
 
 
 def sweep_section(summary: dict, figures: dict[str, str]) -> list[str]:
@@ -397,8 +412,8 @@ def sweep_section(summary: dict, figures: dict[str, str]) -> list[str]:
             lines += [f"![reward-KL frontier, {name}]({fig})", ""]
         rows: dict[str, dict[str, str]] = {}
         for row, by_lr in by_row.items():
-            for m in sorted(by_lr):
-                rows[f"{LABELS[row]}, lr x{m:g}"] = {
+            for m in sorted(by_lr, key=_lr_order):
+                rows[f"{LABELS[row]}, lr {_lr_label(m)}"] = {
                     lab: fmt([flat_metrics(r["eval"]).get(k, float("nan")) for r in by_lr[m]])
                     for k, lab in keys}
         lines.append(markdown_table(rows, f"Final evaluations per learning rate, {name}"))
@@ -424,7 +439,7 @@ def sweep_section(summary: dict, figures: dict[str, str]) -> list[str]:
                 for row in by_row:
                     if row in got:
                         m, vals = got[row]
-                        cells[LABELS[row]] = f"{fmt(vals)} (lr x{m:g})"
+                        cells[LABELS[row]] = f"{fmt(vals)} (lr {_lr_label(m)})"
                     else:
                         cells[LABELS[row]] = "n/a"
                 for row in ("plus_ent", "stage"):
@@ -598,16 +613,16 @@ def write_frontiers(summary: dict, docs: Path, prefix: str = "results") -> dict[
     import matplotlib.pyplot as plt
 
     written = {}
-    base_score = None
-    if summary.get("base"):
-        base_score = summary["base"]["suites"].get(summary["plan"]["curve_suite"], {}) \
-            .get("strict", {}).get("overall")
+    # The base model's in-training evaluation (step 0, the same for every run): the same prompts
+    # and images per prompt as every point of the plot.
+    firsts = [p["heldout"] for r in summary["runs"] for p in r.get("curve", []) if p["step"] == 0]
+    base_score = float(np.mean(firsts)) if firsts else None
     styles = ["-", "--", ":", "-."]
     for setting, by_row in sweep_runs(summary).items():
         fig, ax = plt.subplots(figsize=(6.8, 4.2), dpi=110)
         for i, (row, by_lr) in enumerate(by_row.items()):
             color = f"C{i}"
-            for j, m in enumerate(sorted(by_lr)):
+            for j, m in enumerate(sorted(by_lr, key=_lr_order)):
                 runs = by_lr[m]
                 for r in runs:
                     pts = [(p["kl"], p["heldout"]) for p in r["curve"] if p["kl"] > 0]
@@ -619,10 +634,12 @@ def write_frontiers(summary: dict, docs: Path, prefix: str = "results") -> dict[
                                   if p["step"] == st])) for st in steps if st > 0]
                 mean = [(x, y) for x, y in mean if x > 0 and math.isfinite(x)]
                 if mean:
-                    ax.plot(*zip(*mean), styles[j % len(styles)], color=color, marker="o", ms=3,
-                            lw=1.2, label=f"{LABELS.get(row, row)}, lr x{m:g}")
+                    long = isinstance(m, str)
+                    ax.plot(*zip(*mean), "-" if long else styles[j % len(styles)], color=color,
+                            marker="s" if long else "o", ms=3, lw=2.4 if long else 1.2,
+                            label=f"{LABELS.get(row, row)}, lr {_lr_label(m)}")
         if base_score is not None:
-            ax.axhline(base_score, color="gray", lw=0.8, ls="--", label="base model")
+            ax.axhline(base_score, color="gray", lw=0.8, ls="--", label="base model (step 0)")
         ax.set_xscale("log")
         ax.set_xlabel("training KL to the base (k3 / token, log scale)")
         ax.set_ylabel(f"held-out strict ({summary['plan']['curve_suite']})")
