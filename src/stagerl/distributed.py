@@ -327,7 +327,7 @@ def gathered_state(engine: str, model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in unwrap_module(model).state_dict().items()}
 
 
-def param_norm(engine: str, model: nn.Module) -> float:
+def param_norm(engine: str, model: nn.Module, device: torch.device) -> float:
     """L2 norm of the trainable parameters, the same on every rank (sharded parts all-reduced)."""
     total = None
     for p in model.parameters():
@@ -341,8 +341,8 @@ def param_norm(engine: str, model: nn.Module) -> float:
         return 0.0
     sharded = engine == "fsdp2" or (engine == "deepspeed" and zero_stage() == 3)
     if sharded and torch.distributed.is_initialized():
-        if torch.cuda.is_available():  # NCCL reduces CUDA tensors (offloaded shards live on CPU)
-            total = total.cuda()
+        # on the accelerator's device: NCCL reduces device tensors (offloaded shards live on CPU)
+        total = total.to(device)
         torch.distributed.all_reduce(total)
     return float(total.sqrt())
 

@@ -39,9 +39,11 @@ import torch
 
 from stagerl.config import Config, load_config, to_yaml
 from stagerl.errors import UserError
+from stagerl.data import EVAL_SEED
 from stagerl.eval import SHAPES_SUITES, evaluate_shapes, generate_images, shapes_items
-from stagerl.policies import build_policy
 from stagerl.policies.base import SamplingParams
+from stagerl.study_common import CONDITIONS, load_policy  # noqa: F401 (CONDITIONS re-exported)
+from stagerl.study_report import write_report
 from stagerl.trainer import train
 
 log = logging.getLogger(__name__)
@@ -50,28 +52,6 @@ ROWS = ("vanilla_grpo", "plus_ent", "stage", "wo_kl", "wo_ent_kl")
 # The rows every condition and the learning-rate sweep retrain: the three methods whose matched
 # comparison docs/study.md asks for.
 COMPARE_ROWS = ("vanilla_grpo", "plus_ent", "stage")
-EVAL_SEED = 1234  # prompts and sampling seed of every evaluation (same images for every model)
-# A condition retrains the compared rows in another setting (docs/study.md, "Conditions"):
-# "steps_mult" scales the plan's steps, "set" adds overrides, "rows" narrows the rows (a condition
-# that cannot change a row is not retrained for it; the report then uses the main run).
-CONDITIONS: dict[str, dict[str, Any]] = {
-    # The drift setting: GenEval's rules alone reward an image with unrequested objects and
-    # fragments, as the paper's detector reward does; evaluation stays strict.
-    "lenient": {"set": ["reward.names=[shapes_lenient]"],
-                "help": "trained on the lenient GenEval rule (extra objects and fragments pass)"},
-    "partial": {"set": ["reward.names=[shapes_partial]"],
-                "help": "trained on GenEval's partial credit"},
-    "long": {"steps_mult": 3, "help": "3x the training steps (and samples)"},
-    "no_kl": {"set": ["algo.beta=0"], "help": "no KL term (beta = 0)"},
-    # docs/algorithm.md §5: with w = 1 (vanilla GRPO, +Ent) every aggregation below is the plain
-    # token mean, so only STAGE changes. token_norm divides STAGE's policy term by the token count
-    # instead of each group's Σw: β then weighs against the policy term as in vanilla GRPO.
-    # batch_norm is the previous default, one Σw over the whole batch.
-    "token_norm": {"set": ["algo.loss_agg=token_mean"], "rows": ["stage"],
-                   "help": "STAGE's policy term divided by the token count, not per-group Σw"},
-    "batch_norm": {"set": ["algo.loss_agg=batch_weighted_mean"], "rows": ["stage"],
-                   "help": "STAGE's policy term divided by one Σw over the whole batch"},
-}
 MAIN = "main"  # the name of the main setting in --sweep-in
 # In-training KL at an evaluation step: the mean of the logged training KL (k3 to the reference =
 # the base model) over this many logged steps around it (docs/study.md, "The reward-KL frontier").
@@ -224,11 +204,6 @@ def train_or_reuse(cfg: Config) -> tuple[Path, float, bool]:
     return run_dir, result.seconds, False
 
 
-def _load(path: str | Path) -> Any:
-    cfg = load_config(None, [f"model.path={path}"])
-    return build_policy(cfg.model, need_reference=False).policy
-
-
 def run_curve(run_dir: str | Path, steps: int) -> list[dict[str, float]]:
     """The run's in-training evaluations: [{step, heldout (strict overall), heldout_lenient, kl}].
 
@@ -318,7 +293,7 @@ def _run_job(plan: StudyPlan, out: Path, base: Any, job: Job) -> dict[str, Any]:
     cfg = run_config(plan, out, job.row, job.seed, job.condition, job.lr_mult, job.steps)
     t0 = time.perf_counter()
     run_dir, seconds, reused = train_or_reuse(cfg)
-    policy = _load(run_dir / "final")
+    policy = load_policy(run_dir / "final")
     ev = evaluate_model(policy, base, run_dir, plan, cfg.sampling.cfg_scale)
     log.info("%s: trained in %.0f s%s, evaluated in %.0f s", run_dir.name, seconds,
              " (reused)" if reused else "", time.perf_counter() - t0 - (0 if reused else seconds))
@@ -333,7 +308,7 @@ def _run_job(plan: StudyPlan, out: Path, base: Any, job: Job) -> dict[str, Any]:
 def _worker(plan: StudyPlan, out: str, job: Job) -> dict[str, Any]:
     """One job in a worker process of ``--jobs``: one thread, its own copy of the base model."""
     torch.set_num_threads(1)
-    return _run_job(plan, Path(out), _load(plan.model), job)
+    return _run_job(plan, Path(out), load_policy(plan.model), job)
 
 
 def run_study(plan: StudyPlan, out: str | Path, progress: Any = None, jobs: int = 1,
@@ -359,7 +334,7 @@ def run_study(plan: StudyPlan, out: str | Path, progress: Any = None, jobs: int 
     todo = plan_jobs(plan)
     if shard is not None:
         todo = todo[shard[0]::shard[1]]
-    base = _load(plan.model)
+    base = load_policy(plan.model)
     base_eval = None if shard else evaluate_model(base, base, out / "base", plan,
                                                    first.sampling.cfg_scale)
     runs: list[dict[str, Any]] = []
@@ -568,8 +543,6 @@ def run_from_args(args: argparse.Namespace,
                   progress: Callable[[str], None]) -> tuple[dict[str, Any], list[Path]]:
     """Run the study from parsed CLI args and write the report (not with ``--shard``); returns
     (summary, written paths). ``stagerl study`` in cli.py reports progress and the result."""
-    from stagerl.study_report import write_report
-
     plan = plan_from_args(args)
     torch.set_num_threads(1)  # one thread per process on the shared 2 cores
     summary = run_study(plan, args.out, progress=progress, jobs=args.jobs, shard=args.shard)

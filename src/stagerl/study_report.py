@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from stagerl.data import EVAL_SEED
 from stagerl.eval import SHAPES_SUITES, markdown_table
+from stagerl.study_common import CONDITIONS, load_policy
 
 LABELS = {"base": "base model", "vanilla_grpo": "vanilla GRPO", "plus_ent": "+Ent",
           "stage": "STAGE", "wo_kl": "w/o KL", "wo_ent_kl": "w/o Ent & KL"}
@@ -77,8 +79,6 @@ def group_runs(summary: dict[str, Any]) -> dict[tuple[str, str | None], list[dic
 def _with_main(groups: dict, row: str, cond: str | None) -> list[dict[str, float]] | None:
     """A row's runs in a condition; a condition that does not retrain the row (it cannot change
     it, see study.CONDITIONS "rows") falls back on the main runs."""
-    from stagerl.study import CONDITIONS
-
     if (row, cond) in groups:
         return groups[(row, cond)]
     if cond is not None and row not in CONDITIONS[cond].get("rows", [row]):
@@ -208,8 +208,6 @@ def conditions_section(summary: dict, groups: dict) -> list[str]:
     conds = [c for c in summary["plan"].get("conditions") or [] if c not in REWARD_CONDITIONS]
     if not conds:
         return []
-    from stagerl.study import CONDITIONS
-
     lines = ["## Conditions: when does a difference appear?", "",
              "Each condition retrains the compared rows with one change; the table shows STAGE "
              "minus vanilla GRPO (mean over seeds, ± 2 se). A condition that cannot change "
@@ -257,8 +255,6 @@ DRIFT = [("test/strict/overall", "in-distribution strict", True),
 def drift_section(summary: dict, groups: dict, figures: dict[str, str]) -> list[str]:
     """For each reward condition: absolute values, the drift of vanilla GRPO (vs the base model and
     vs vanilla GRPO trained on the strict reward) and each method against vanilla GRPO."""
-    from stagerl.study import CONDITIONS
-
     conds = [c for c in summary["plan"].get("conditions") or [] if c in REWARD_CONDITIONS]
     lines: list[str] = []
     base = flat_metrics(summary["base"])
@@ -701,7 +697,6 @@ def write_grid(summary: dict, docs: Path, out: Path, prefix: str = "results") ->
 
     from stagerl.eval import generate_images, shapes_items
     from stagerl.policies.base import SamplingParams
-    from stagerl.study import EVAL_SEED, _load
 
     plan = summary["plan"]
     seed0 = plan["seeds"][0]
@@ -718,7 +713,7 @@ def write_grid(summary: dict, docs: Path, out: Path, prefix: str = "results") ->
                                                                      EVAL_SEED + 7)
     k, scale, pad, head, left = plan["grid_images"], 3, 4, 44, 120
     params = SamplingParams(cfg_scale=summary["config"]["cfg_scale"])
-    rows = [generate_images(_load(path), items, k, params, EVAL_SEED + 7,
+    rows = [generate_images(load_policy(path), items, k, params, EVAL_SEED + 7,
                             out / "grid" / f"model{i}") for i, (_, path) in enumerate(models)]
     cell = rows[0][0][0].width * scale
     width = left + len(items) * (k * cell + pad)

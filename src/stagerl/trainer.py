@@ -110,7 +110,8 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
                       config=dataclasses.asdict(cfg), enabled=main)  # W&B records the config
     eval_before = _evaluate(cfg, policy, accelerator, tracker, state.step, "before", progress) \
         if state.step == 0 else _read_eval(run_dir, "before")
-    norm0 = distributed.param_norm(engine, model)  # the divergence check's reference
+    # the divergence check's reference
+    norm0 = distributed.param_norm(engine, model, accelerator.device)
 
     # --- the loop ------------------------------------------------------------------------------
     bar = progress(total=cfg.run.steps, initial=state.step, disable=not main) if progress else None
@@ -173,7 +174,7 @@ def _check_health(cfg: Config, state: TrainerState, ro: Rollout, accelerator: An
     invalid = distributed.all_ranks_true(accelerator, bool((~ro.reward_valid).any(dim=1).all()))
     no_signal = distributed.all_ranks_true(accelerator, bool((ro.advantages == 0).all()))
     state.no_signal_steps = state.no_signal_steps + 1 if (invalid or no_signal) else 0
-    norm = distributed.param_norm(engine, model)
+    norm = distributed.param_norm(engine, model, accelerator.device)
     reason = None
     if state.consecutive_skips >= cfg.run.max_consecutive_skips:
         reason = (f"{state.consecutive_skips} consecutive steps had a non-finite reward or loss; "
