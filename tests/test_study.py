@@ -206,7 +206,7 @@ def test_a_run_is_reused_when_only_new_or_removed_fields_differ(tmp_path):
 
 
 def test_frontier_helpers_interpolate_at_matched_kl():
-    from stagerl.study_report import _score_at_kl, frontier_levels, matched_kl
+    from stagerl.study_common import _score_at_kl, frontier_levels, matched_kl
 
     def run(kls, scores):
         return {"curve": [{"step": 10 * i, "kl": k, "heldout": s}

@@ -11,9 +11,9 @@ Two extensions make the comparison a matched one (docs/study.md, "Settings and t
   ``lenient``: trained on a reward the shapes world can game, evaluated with the strict rule;
 - **the learning-rate sweep** retrains the compared rows at multiples of the learning rate, in the
   main setting and/or in conditions; every run's in-training evaluations (held-out strict score) and
-  its training KL to the base give the reward-KL frontier of :mod:`stagerl.study_report`.
+  its training KL to the base give the reward-KL frontier of :mod:`stagerl.study_figures`.
 
-:mod:`stagerl.study_report` turns the summary into docs/results.md, plots and an image grid.
+:mod:`stagerl.study_report` renders docs/results.md; :mod:`stagerl.study_figures` writes its plots and grid.
 
 Runs are independent: each is a pure function of (row, seed, condition, lr multiple, plan), written
 to its own folder ``OUT/runs/<row>[-<condition>][-lr<m>]-s<seed>``. A run whose folder holds a
@@ -43,7 +43,7 @@ from stagerl.data import EVAL_SEED
 from stagerl.eval import SHAPES_SUITES, evaluate_shapes, generate_images, shapes_items
 from stagerl.policies.base import SamplingParams
 from stagerl.study_common import CONDITIONS, load_policy  # noqa: F401 (CONDITIONS re-exported)
-from stagerl.study_report import write_report
+from stagerl.study_figures import write_report
 from stagerl.trainer import train
 
 log = logging.getLogger(__name__)
