@@ -228,7 +228,7 @@ def _study_progress() -> Callable[[str], None]:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from stagerl.study import run_from_args
+    from stagerl.study_cli import run_from_args
 
     summary, paths = run_from_args(args, progress=_study_progress())
     print(f"study finished in {summary['wall_seconds'] / 60:.1f} min "
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, fn, help_ in (
             ("pretrain", "stagerl.pretrain", cmd_pretrain,
              "Pretrain the shapes-world tokenizer and model."),
-            ("study", "stagerl.study", cmd_study,
+            ("study", "stagerl.study_cli", cmd_study,
              "Run the STAGE-vs-GRPO reproduction study on the shapes world.")):
         d = sub.add_parser(name, help=help_)
         d.set_defaults(fn=fn)
