@@ -142,13 +142,12 @@ def make_accelerator(cfg: Any, engine: str, local_sequences: int) -> Any:
         "gradient_accumulation_plugin": GradientAccumulationPlugin(num_steps=cfg.optim.grad_accum)}
     if engine == "deepspeed":
         kwargs["deepspeed_plugin"] = _deepspeed_plugin(cfg, local_sequences)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if engine in ("deepspeed", "fsdp2") or not has_gpu:
-        if distributed and not has_gpu:
+    if not has_gpu:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # Without a GPU accelerate only counts the ranks (and sets up gloo) when told the
             # backend; under DeepSpeed both ranks otherwise say "rank 0 of 1".
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-        if engine not in ("deepspeed",) and not has_gpu:
+        if engine != "deepspeed":  # cpu=True would keep DeepSpeed from engaging at all
             kwargs["cpu"] = True
     if cfg.run.cpu:
         kwargs["cpu"] = True
