@@ -237,7 +237,7 @@ def _vals(runs: list[dict[str, float]], key: str) -> list[float]:
 # The drift setting: trained on a reward the world can game, evaluated strictly
 
 
-REWARD_CONDITIONS = ("lenient", "partial")
+REWARD_CONDITIONS = ("lenient", "lenient_long", "partial")
 DRIFT = [("test/strict/overall", "in-distribution strict", True),
          ("test/lenient/overall", "in-distribution lenient (trained)", True),
          ("test/partial", "in-distribution partial credit", True),
