@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from stagerl.cli_eval import (_add_eval_args, _add_model_args, _add_sample_args,  # noqa: F401
-                              _main_process, _progress, cmd_eval, cmd_sample, find_config,
-                              preset_names)
+from stagerl.cli_eval import (_add_eval_args, _add_sample_args, _main_process,  # noqa: F401
+                              _progress, cmd_eval, cmd_sample, find_config, preset_names)
+from stagerl.cli_options import add_option_flags
 from stagerl.errors import UserError
+from stagerl.pretrain import PretrainOptions
 
 # Subcommands implemented elsewhere expose add_cli_args(parser) and run_cli(args) -> int.
 _DELEGATED = {
@@ -168,40 +169,25 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from stagerl.preflight import check_output_dir
-    from stagerl.pretrain import format_table as pretrain_table
-    from stagerl.pretrain import run_from_args
+    import shlex
 
-    check_output_dir(args.out, "--out")
-    _check_pretrain_numbers(args)
-    result = run_from_args(args)
-    print(f"saved to {args.out}  ({result['total_seconds']:.0f}s, {result['threads']} threads, "
+    from stagerl.cli_options import options_from_args
+    from stagerl.preflight import check_output_dir
+    from stagerl.pretrain import PretrainOptions, model_card, pretrain
+    from stagerl.pretrain import format_table as pretrain_table
+
+    opts = options_from_args(PretrainOptions, args, args.options)
+    check_output_dir(opts.out, "--out")
+    result = pretrain(opts.recipe(), opts.out)
+    command = shlex.join(["stagerl", *sys.argv[1:]])  # as typed, for the model card
+    (Path(opts.out) / "MODEL_CARD.md").write_text(model_card(result, command))
+    print(f"saved to {opts.out}  ({result['total_seconds']:.0f}s, {result['threads']} threads, "
           f"final loss {result['final_loss']:.3f})")
     for ev in result["evals"]:
         print(f"\nsuite {ev['suite']}, {ev['prompts']} prompts x "
               f"{ev['images_per_prompt']} images, CFG {ev['cfg_scale']}:")
         print(pretrain_table(ev))
     return 0
-
-
-def _check_pretrain_numbers(args: argparse.Namespace) -> None:
-    """Every number of the pretraining recipe is finite and >= 0; probabilities and the EMA decay
-    are at most 1."""
-    import dataclasses
-    import math
-
-    from stagerl.pretrain import PretrainConfig
-
-    for f in dataclasses.fields(PretrainConfig):
-        values = getattr(args, f.name)
-        for v in values if isinstance(values, list) else [values]:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                continue
-            top = 1.0 if f.name in ("prompt_dropout", "ema_decay") else math.inf
-            if not (math.isfinite(v) and 0 <= v <= top):
-                flag = "--" + f.name.replace("_", "-")
-                span = "in [0, 1]" if top == 1.0 else "finite and >= 0"
-                raise UserError(f"pretrain: {flag} must be {span}, got {values}")
 
 
 def _study_progress() -> Callable[[str], None]:
@@ -272,11 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="Evaluate a checkpoint on shapes suites or a prompt file.")
-    _add_model_args(e)
     _add_eval_args(e)
     e.set_defaults(fn=cmd_eval)
     s = sub.add_parser("sample", help="Generate images for prompts.")
-    _add_model_args(s)
     _add_sample_args(s)
     s.set_defaults(fn=cmd_sample)
 
@@ -289,14 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fields", action="store_true", help="list every field with its help")
     c.set_defaults(fn=cmd_config)
 
-    for name, module, fn, help_ in (
-            ("pretrain", "stagerl.pretrain", cmd_pretrain,
-             "Pretrain the shapes-world tokenizer and model."),
-            ("study", "stagerl.study_cli", cmd_study,
-             "Run the STAGE-vs-GRPO reproduction study on the shapes world.")):
-        d = sub.add_parser(name, help=help_)
-        d.set_defaults(fn=fn)
-        importlib.import_module(module).add_cli_args(d)
+    pt = sub.add_parser("pretrain", help="Pretrain the shapes-world tokenizer and model.")
+    pt.set_defaults(fn=cmd_pretrain)
+    add_option_flags(pt, PretrainOptions)
+    st = sub.add_parser("study", help="Run the STAGE-vs-GRPO reproduction study on the shapes "
+                                      "world.")
+    st.set_defaults(fn=cmd_study)
+    importlib.import_module("stagerl.study_cli").add_cli_args(st)
 
     for name, (module, help_) in _DELEGATED.items():
         d = sub.add_parser(name, help=help_)
@@ -326,12 +309,13 @@ def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse; ``train`` and ``config`` also take their config and overrides after an option
+    """Parse; every command also takes its config or options file and overrides after an option
     (``stagerl train --resume run.name=x``), which argparse alone would reject."""
     args, extra = parser.parse_known_args(argv)
     command = getattr(args, "command", None)
-    if extra and command in ("train", "config") and not any(x.startswith("-") for x in extra):
-        args.config = list(args.config) + extra
+    dest = "config" if command in ("train", "config") else "options"
+    if extra and hasattr(args, dest) and not any(x.startswith("-") for x in extra):
+        setattr(args, dest, list(getattr(args, dest)) + extra)
     elif extra:
         raise UserError(f"{command}: unrecognized arguments: {' '.join(extra)} (see stagerl "
                         f"{command} --help)")

@@ -12,13 +12,71 @@ import functools
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+from stagerl.cli_options import add_option_flags, options_from_args, split_positional
+from stagerl.config import load_options
+from stagerl.config_schema import _f
 from stagerl.errors import UserError
-from stagerl.preflight import float_arg, int_arg
 
-_SEED = int_arg(0, 2 ** 63 - 1)
+
+# --------------------------------------------------------------------------------------------------
+# The options (docs/config.md, "Other commands")
+
+
+@dataclass
+class ModelChoice:
+    """Which model to evaluate or sample from, and how to sample it."""
+
+    checkpoint: str = _f("builtin:shapes", "Model folder, run folder (its final/ model, else its "
+                         "newest checkpoint), a run's checkpoints/step_N, hub id, or "
+                         "builtin:shapes.")
+    config: Optional[str] = _f(None, "Config YAML or preset name (model kind, sampling, rewards); "
+                               "default: the config saved with a run's checkpoint, else the "
+                               "built-in defaults.")
+    set: list[str] = _f([], "Dotted overrides of that config, e.g. sampling.temperature=0.9.",
+                        metavar="KEY=VALUE", empty_ok=True)
+    cfg_scale: Optional[float] = _f(None, "Classifier-free guidance scale >= 0; default: the "
+                                    "config's sampling.cfg_scale.", min=0.0)
+    seed: Optional[int] = _f(None, "Seed of the prompts drawn and of sampling; default: the "
+                             "config's log.eval_seed.", min=0, max=2 ** 63 - 1)
+
+
+@dataclass
+class EvalOptions(ModelChoice):
+    """``stagerl eval``: a shapes suite scored by the exact evaluator, or a benchmark scored by
+    rewards."""
+
+    suite: Optional[str] = _f(None, "Comma list of shapes suites: heldout (= test), compositions, "
+                              "phrasings; default: heldout.")
+    benchmark: Optional[str] = _f(None, "Instead of suite: a shipped prompt set by name (geneval, "
+                                  "t2i-compbench[:category], ocr; 'list' lists them) or a prompt "
+                                  "file or folder: GenEval .jsonl, T2I-CompBench .txt (category "
+                                  "from the file name) or a folder of them, DrawBench .csv, OCR "
+                                  ".txt.")
+    rewards: Optional[str] = _f(None, "Benchmark only: comma list of reward names; default: the "
+                                "config's reward.names.")
+    prompts: Optional[int] = _f(None, "Prompts per suite, or the first N prompts of each "
+                                "benchmark file; default: 200 per suite, a benchmark's whole "
+                                "file.", min=1)
+    images_per_prompt: int = _f(4, "Images sampled per prompt.", min=1)
+    out: Optional[str] = _f(None, "Write GenEval's folder layout here; rerunning reuses its "
+                            "images.")
+    json: Optional[str] = _f(None, "Write results JSON here.")
+
+
+@dataclass
+class SampleOptions(ModelChoice):
+    """``stagerl sample``: images for prompts, in GenEval's folder layout."""
+
+    prompts: list[str] = _f([], "Prompts to draw (also the command's bare arguments).", cli=False)
+    file: Optional[str] = _f(None, "Prompt file instead: .txt (one a line), GenEval .jsonl or "
+                             ".csv.")
+    n: int = _f(4, "Images per prompt.", min=1)
+    out: str = _f("samples", "Output folder, GenEval's layout.")
+
 
 def _main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
@@ -88,7 +146,7 @@ def _resolve_checkpoint(checkpoint: str) -> tuple[str, Path | None, Path | None]
     return checkpoint, None, None
 
 
-def _eval_config(args: argparse.Namespace) -> tuple[Any, Path | None]:
+def _eval_config(args: ModelChoice) -> tuple[Any, Path | None]:
     """The config of the model to evaluate or sample from (nothing loaded yet), and the weights
     of an intermediate checkpoint to load on top of it."""
     from stagerl.config import load_config
@@ -133,7 +191,7 @@ def _sampling_params(cfg: Any, cfg_scale: float | None) -> Any:
     return SamplingParams.from_config(cfg.sampling, cfg_scale)
 
 
-def _seed(args: argparse.Namespace, cfg: Any) -> int:
+def _seed(args: ModelChoice, cfg: Any) -> int:
     """``--seed``, else the config's ``log.eval_seed``."""
     return cfg.log.eval_seed if args.seed is None else args.seed
 
@@ -142,7 +200,8 @@ def _seed(args: argparse.Namespace, cfg: Any) -> int:
 # eval
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def cmd_eval(cli_args: argparse.Namespace) -> int:
+    args = options_from_args(EvalOptions, cli_args, cli_args.options)
     if args.benchmark == "list":
         from stagerl.benchmarks import format_benchmark_list
 
@@ -155,7 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return _eval_suites(args, cfg, weights)
 
 
-def _check_eval_args(args: argparse.Namespace) -> None:
+def _check_eval_args(args: EvalOptions) -> None:
     from stagerl.eval import check_suite
     from stagerl.preflight import check_output_dir, check_output_file
 
@@ -172,7 +231,7 @@ def _check_eval_args(args: argparse.Namespace) -> None:
         check_output_file(args.json, "--json")
 
 
-def _eval_suites(args: argparse.Namespace, cfg: Any, weights: Path | None) -> int:
+def _eval_suites(args: EvalOptions, cfg: Any, weights: Path | None) -> int:
     from stagerl.eval import evaluate_suite, format_table
     from stagerl.preflight import check_sampling_fits
 
@@ -199,7 +258,7 @@ def _eval_suites(args: argparse.Namespace, cfg: Any, weights: Path | None) -> in
     return 0
 
 
-def _eval_benchmark(args: argparse.Namespace, cfg: Any, weights: Path | None) -> int:
+def _eval_benchmark(args: EvalOptions, cfg: Any, weights: Path | None) -> int:
     from stagerl.eval import evaluate_benchmark, format_table, load_benchmark
     from stagerl.preflight import check_sampling_fits
     from stagerl.rewards.base import build_reward, check_reward_kwargs
@@ -241,10 +300,11 @@ def _write_json(path: str | None, results: dict[str, Any]) -> None:
 # sample
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+def cmd_sample(cli_args: argparse.Namespace) -> int:
     from stagerl.eval import generate_images
     from stagerl.preflight import check_output_dir, check_sampling_fits
 
+    args = _sample_options(cli_args)
     items = _sample_items(args)
     check_output_dir(args.out, "--out")
     cfg, weights = _eval_config(args)
@@ -257,7 +317,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample_items(args: argparse.Namespace) -> list[Any]:
+def _sample_options(cli_args: argparse.Namespace) -> SampleOptions:
+    """The bare arguments are prompts, except an options file and ``key=value`` overrides of a
+    field (``n=2``); flags and overrides as for every command."""
+    path, overrides, prompts = split_positional(cli_args.options, SampleOptions,
+                                                other=lambda item: True)
+    flags = {k: v for k, v in vars(cli_args).items()
+             if k in SampleOptions.__dataclass_fields__ and v is not None}
+    if prompts:
+        flags["prompts"] = prompts
+    labels = {k: "--" + k.replace("_", "-") for k in flags if k != "prompts"}
+    return load_options(SampleOptions, path, overrides, flags, labels)
+
+
+def _sample_items(args: SampleOptions) -> list[Any]:
     from stagerl.data import PromptItem, load_prompt_file
 
     if args.file and args.prompts:
@@ -276,59 +349,15 @@ def _sample_items(args: argparse.Namespace) -> list[Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# report, pretrain, study, config
-
-
-
-def _add_model_args(e: argparse.ArgumentParser) -> None:
-    e.add_argument("--checkpoint", default="builtin:shapes",
-                   help="model folder, run folder (its final/ model, else its newest checkpoint), "
-                        "a run's checkpoints/step_N, hub id, or builtin:shapes (default: "
-                        "%(default)s)")
-    e.add_argument("--config", default=None,
-                   help="config YAML or preset name (model kind, sampling, rewards) (default: the "
-                        "config saved with a run's checkpoint, else the built-in defaults)")
-    e.add_argument("--set", nargs="*", metavar="KEY=VALUE",
-                   help="dotted config overrides, e.g. sampling.temperature=0.9 (default: none)")
-    e.add_argument("--cfg-scale", type=float_arg(0.0), default=None,
-                   help="classifier-free guidance scale >= 0 (default: the config's "
-                        "sampling.cfg_scale)")
-    e.add_argument("--seed", type=_SEED, default=None,
-                   help="seed of the prompts drawn and of sampling (default: the config's "
-                        "log.eval_seed)")
+# The parsers' flags, generated from the options
 
 
 def _add_eval_args(e: argparse.ArgumentParser) -> None:
-    e.add_argument("--suite", default=None,
-                   help="comma list of shapes suites: heldout (= test), compositions, phrasings "
-                        "(default: heldout)")
-    e.add_argument("--benchmark", default=None,
-                   help="instead of --suite: a shipped prompt set by name (geneval, "
-                        "t2i-compbench[:category], ocr; 'list' lists them) or a prompt file or "
-                        "folder: GenEval .jsonl, T2I-CompBench .txt (category from the file name) "
-                        "or a folder of them, DrawBench .csv, OCR .txt (default: none)")
-    e.add_argument("--rewards", default=None,
-                   help="--benchmark only: comma list of reward names (default: the config's "
-                        "reward.names)")
-    e.add_argument("--prompts", type=int_arg(1), default=None,
-                   help="prompts per suite, or the first N prompts of each benchmark file "
-                        "(default: 200 per suite; a benchmark's whole file)")
-    e.add_argument("--images-per-prompt", type=int_arg(1), default=4,
-                   help="images sampled per prompt (default: %(default)s)")
-    e.add_argument("--out", default=None,
-                   help="write GenEval's folder layout here; rerunning reuses its images "
-                        "(default: nothing written)")
-    e.add_argument("--json", default=None, help="write results JSON here (default: none)")
+    add_option_flags(e, EvalOptions)
 
 
 def _add_sample_args(e: argparse.ArgumentParser) -> None:
-    e.add_argument("prompts", nargs="*", help="prompts to draw (or use --file)")
-    e.add_argument("--file", default=None,
-                   help="prompt file instead: .txt (one a line), GenEval .jsonl or .csv "
-                        "(default: none)")
-    e.add_argument("--n", type=int_arg(1), default=4, help="images per prompt (default: "
-                                                            "%(default)s)")
-    e.add_argument("--out", default="samples", help="output folder, GenEval's layout (default: "
-                                                    "%(default)s)")
-
-
+    e.add_argument("options", nargs="*", metavar="PROMPT",
+                   help="prompts to draw (or --file); also an options .yaml file and key=value "
+                        "overrides of the flags below, e.g. n=2")
+    add_option_flags(e, SampleOptions, positional=None)

@@ -5,6 +5,10 @@ overrides (``algo.beta=0.01``). Merging and overriding is OmegaConf's structured
 this module adds readable errors and range checks (TRL-style documented fields, CleanRL-style typed
 config).
 
+The same machinery loads every command's options (:func:`load_options`): ``pretrain``, ``study``,
+``eval`` and ``sample`` each have a typed options dataclass, read from an optional YAML file, its
+``--flags`` and dotted ``key=value`` overrides, with the same error messages as ``train``.
+
 The tree's classes are re-exported here, so ``from stagerl.config import Config`` keeps working.
 """
 
@@ -30,35 +34,53 @@ from stagerl.data import suite_names
 from stagerl.errors import UserError
 
 
-def _suggest(key: str) -> str:
-    if "." not in key:  # a section name
-        sections = [f.name for f in dataclasses.fields(Config)]
+def _sub_config(f: dataclasses.Field) -> type | None:
+    """The dataclass of a section field (``run: RunConfig``), or None for a value field."""
+    if f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+        return None
+    sub = f.default_factory()  # type: ignore[misc]
+    return type(sub) if dataclasses.is_dataclass(sub) else None
+
+
+def _sections(root: type) -> dict[str, type]:
+    return {f.name: c for f in dataclasses.fields(root) if (c := _sub_config(f)) is not None}
+
+
+def _suggest(key: str, root: type = Config) -> str:
+    keys = _all_keys(root)
+    sections = list(_sections(root))
+    if "." not in key and sections:  # a section name
         close = difflib.get_close_matches(key, sections, n=1, cutoff=0.5)
         return f" Did you mean '{close[0]}'?" if close else f" Sections: {', '.join(sections)}"
-    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not close:  # try the last component against every leaf name
         leaf = key.split(".")[-1]
-        close = [k for k in _all_keys() if k.split(".")[-1] in
-                 difflib.get_close_matches(leaf, [k.split(".")[-1] for k in _all_keys()], n=1)]
+        close = [k for k in keys if k.split(".")[-1] in
+                 difflib.get_close_matches(leaf, [k.split(".")[-1] for k in keys], n=1)]
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
 class FieldError(UserError):
-    """A bad value of one field (``key``); :func:`load_config` adds the YAML file and line."""
+    """A bad value of one field (``key``); the loader adds the YAML file and line, or the
+    ``--flag`` the value came from."""
 
     def __init__(self, key: str, problem: str):
         super().__init__(f"{key}: {problem}")
         self.key = key
+        self.problem = problem
 
 
 class _Layer:
     """One layer of config values and where it came from: a YAML file (whose keys have line
-    numbers), the command line, or an ``algo.preset`` row."""
+    numbers), the command line, or an ``algo.preset`` row. ``labels`` name the ``--flag`` a
+    command-line value came from, so that an error names what the user typed."""
 
-    def __init__(self, origin: str, data: Any, text: str | None = None):
+    def __init__(self, origin: str, data: Any, text: str | None = None,
+                 labels: dict[str, str] | None = None):
         self.origin = origin
         self.data = OmegaConf.to_container(data) if isinstance(data, DictConfig) else data
         self._root = yaml.compose(text, Loader=yaml.SafeLoader) if text else None
+        self.labels = labels or {}
 
     def get(self, key: str, default: Any = None) -> Any:
         node = self.data
@@ -74,6 +96,10 @@ class _Layer:
     def has(self, key: str) -> bool:
         return self.get(key, _Layer) is not _Layer
 
+    def name(self, key: str) -> str:
+        """The key as the user wrote it: ``--images-per-prompt`` for a flag, else the dotted key."""
+        return self.labels.get(re.sub(r"\[\d+\]", "", key), key)
+
     def where(self, key: str) -> str:
         """``'file.yaml:LINE: '`` for a key of a YAML file, ``''`` for the command line."""
         if self._root is None:
@@ -87,18 +113,25 @@ class _Layer:
             line, node = hit[0].start_mark.line + 1, hit[1]
         return f"{self.origin}:{line}: " if line else f"{self.origin}: "
 
+    def error(self, key: str, problem: str) -> UserError:
+        return UserError(f"{self.where(key)}{self.name(key)}: {problem}")
+
 
 _SHAPES = {"list": "a list such as [a, b]", "mapping": "a mapping such as {key: value}",
            "value": "a single value, not a list or mapping"}
 _TYPE_WORDS = {float: "a number", int: "a whole number", bool: "true or false", str: "text"}
 
 
-def _hint(key: str) -> Any:
-    """The declared type of a dotted field (list element types for ``key[i]``)."""
-    section, _, name = re.sub(r"\[\d+\]", "", key).partition(".")
-    cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}.get(section)
-    hints = typing.get_type_hints(cls) if cls else {}
-    t = hints.get(name)
+def _hint(key: str, root: type = Config) -> Any:
+    """The declared type of a dotted field (list element types for ``key[i]``); None if the key
+    names no field."""
+    *path, name = re.sub(r"\[\d+\]", "", key).split(".")
+    cls: type | None = root
+    for part in path:
+        cls = _sections(cls).get(part) if cls is not None else None
+    if cls is None or name in _sections(cls):
+        return None
+    t = typing.get_type_hints(cls).get(name)
     args = [a for a in typing.get_args(t) if a is not type(None)]
     if typing.get_origin(t) is typing.Union and args:
         t = args[0]
@@ -112,38 +145,42 @@ def _shape(t: Any) -> str:
     return "list" if origin in (list, tuple) else "mapping" if origin is dict else "value"
 
 
-def _check_shapes(layer: _Layer) -> None:
+def _check_shapes(layer: _Layer, root: type = Config) -> None:
     """Sections and field shapes of one layer, in words (OmegaConf's own are 'AnyNode is not a
     ListConfig' and 'int is not a subclass of RunConfig')."""
-    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}
-    for section, body in (layer.data or {}).items():
-        if section not in sections:
-            raise UserError(f"{layer.where(section)}unknown config key '{section}'."
-                            f"{_suggest(str(section))}")
-        if not isinstance(body, dict):
-            first = dataclasses.fields(sections[section]())[0].name
-            raise UserError(f"{layer.where(section)}'{section}' is a section of settings, not a "
-                            f"value (got {body!r}); set its fields, e.g. {section}.{first}=...")
-        for name, value in body.items():
-            key = f"{section}.{name}"
-            if _hint(key) is None:
-                raise UserError(f"{layer.where(key)}unknown config key '{key}'.{_suggest(key)}")
-            want = _shape(_hint(key))
-            got = "list" if isinstance(value, list) else "mapping" if isinstance(value, dict) \
-                else "value"
-            if value is not None and got != want:
-                raise UserError(f"{layer.where(key)}{key}: expected {_SHAPES[want]}, got {value!r}")
+    _check_node(layer, root, root, layer.data or {}, "")
 
 
-def _omegaconf_error(err: OmegaConfBaseException, layer: _Layer) -> UserError:
+def _check_node(layer: _Layer, root: type, cls: type, body: dict, prefix: str) -> None:
+    sections = _sections(cls)
+    for name, value in body.items():
+        key = f"{prefix}{name}"
+        if name in sections:
+            if not isinstance(value, dict):
+                first = dataclasses.fields(sections[name])[0].name
+                raise UserError(f"{layer.where(key)}'{key}' is a section of settings, not a "
+                                f"value (got {value!r}); set its fields, e.g. {key}.{first}=...")
+            _check_node(layer, root, sections[name], value, key + ".")
+            continue
+        if name not in {f.name for f in dataclasses.fields(cls)}:
+            raise UserError(f"{layer.where(key)}unknown config key '{key}'.{_suggest(key, root)}")
+        want = _shape(_hint(key, root))
+        got = "list" if isinstance(value, list) else "mapping" if isinstance(value, dict) \
+            else "value"
+        if value is not None and got != want:
+            raise layer.error(key, f"expected {_SHAPES[want]}, got {value!r}")
+
+
+def _omegaconf_error(err: OmegaConfBaseException, layer: _Layer, root: type) -> UserError:
     key = getattr(err, "full_key", None) or ""
-    where = layer.where(key)
     if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err):
-        return UserError(f"{where}unknown config key '{key}'.{_suggest(key)}")
-    want = _TYPE_WORDS.get(_hint(key)) if key else None
+        return UserError(f"{layer.where(key)}unknown config key '{key}'.{_suggest(key, root)}")
+    want = _TYPE_WORDS.get(_hint(key, root)) if key else None
     if isinstance(err, ValidationError) and want:
-        return UserError(f"{where}{key}: expected {want}, got {layer.get(key)!r}")
-    return UserError(f"{where}{key + ': ' if key else ''}{str(err).splitlines()[0]}")
+        return layer.error(key, f"expected {want}, got {layer.get(key)!r}")
+    if key:
+        return layer.error(key, str(err).splitlines()[0])
+    return UserError(f"{layer.where(key)}{str(err).splitlines()[0]}")
 
 
 def _read_text(path: str) -> str:
@@ -196,26 +233,46 @@ def _parse_overrides(overrides: list[str]) -> _Layer:
     return _Layer("command line", OmegaConf.from_dotlist(list(overrides)))
 
 
-def _merge(layers: list[_Layer]) -> DictConfig:
-    cfg = OmegaConf.structured(Config)
+def _merge(layers: list[_Layer], root: type = Config) -> DictConfig:
+    cfg = OmegaConf.structured(root)
     for layer in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer.data)
         except OmegaConfBaseException as err:
-            raise _omegaconf_error(err, layer) from None
+            raise _omegaconf_error(err, layer, root) from None
     return cfg
+
+
+def _layers(root: type, path: Optional[str], overrides: Optional[list[str]],
+            flags: Optional[_Layer] = None) -> list[_Layer]:
+    """The YAML file, then the ``--flags``, then the dotted overrides; shapes checked."""
+    layers = [_load_yaml(path)] if path else []
+    layers += [flags] if flags is not None and flags.data else []
+    layers += [_parse_overrides(overrides)] if overrides else []
+    for layer in layers:
+        _check_shapes(layer, root)
+    return layers
+
+
+def _checked(obj: Any, layers: list[_Layer], check: Any = None) -> Any:
+    """Field metadata checks, then ``check(obj)`` (cross-field rules); a FieldError names the
+    file and line or the flag its value came from."""
+    try:
+        _check_tree(obj, "")
+        if check is not None:
+            check(obj)
+    except FieldError as err:
+        layer = next((lay for lay in reversed(layers) if lay.has(err.key)), None)
+        if layer is None:
+            raise UserError(str(err)) from None
+        raise layer.error(err.key, err.problem) from None
+    return obj
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Defaults <- preset <- YAML file <- dotted overrides; validated. Raises UserError; errors in a
     YAML file name its line."""
-    layers: list[_Layer] = []
-    if path:
-        layers.append(_load_yaml(path))
-    if overrides:
-        layers.append(_parse_overrides(overrides))
-    for layer in layers:
-        _check_shapes(layer)
+    layers = _layers(Config, path, overrides)
     merged = _merge(layers)
     preset = merged.algo.preset
     if preset is not None:
@@ -229,12 +286,24 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise UserError(f"{where}algo.preset: {err.args[0]}") from None
         merged = _merge([_Layer(f"preset {preset}", {"algo": row})] + layers)
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    try:
-        validate(cfg)
-    except FieldError as err:
-        where = next((lay.where(err.key) for lay in reversed(layers) if lay.has(err.key)), "")
-        raise UserError(f"{where}{err}") from None
-    return cfg
+    _normalise(cfg)
+    return _checked(cfg, layers, _check_rules)
+
+
+T = typing.TypeVar("T")
+
+
+def load_options(root: type[T], path: Optional[str] = None,
+                 overrides: Optional[list[str]] = None, flags: Optional[dict[str, Any]] = None,
+                 labels: Optional[dict[str, str]] = None, check: Any = None) -> T:
+    """A command's typed options (any dataclass whose fields carry ``help`` and optional
+    ``min``/``max``/``choices``), loaded like the training config: defaults <- YAML file <-
+    ``--flags`` (``flags``: field -> parsed value, ``labels``: field -> the flag's spelling) <-
+    dotted ``key=value`` overrides; then ``check(options)`` for cross-field rules."""
+    flag_layer = _Layer("command line", dict(flags or {}), labels=labels) if flags else None
+    layers = _layers(root, path, overrides, flag_layer)
+    opts = OmegaConf.to_object(_merge(layers, root))
+    return _checked(opts, layers, check)  # type: ignore[return-value]
 
 
 def _non_finite(value: Any, key: str) -> str | None:
@@ -257,6 +326,14 @@ def _check_field(key: str, value: Any, meta: Any) -> None:
         raise FieldError(key, f"expected a finite number, got {value!r}" if bad == key
                          else f"expected finite numbers, got {value!r} (at {bad})")
     if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, (list, tuple)) and ("min" in meta or "max" in meta):
+        for item in value:  # a bound on a list of numbers bounds every element
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                try:
+                    _check_field(key, item, meta)
+                except FieldError as err:
+                    raise FieldError(key, f"{err.problem} (in {list(value)})") from None
         return
     if "choices" in meta and value not in meta["choices"]:
         raise FieldError(key, f"expected one of {', '.join(meta['choices'])}, got {value!r}")
@@ -301,18 +378,22 @@ def _check_rules(cfg: Config) -> None:
                          f"choose from {', '.join(suite_names())}")
 
 
-def validate(cfg: Config) -> None:
-    """Range/choice/finiteness checks from field metadata, plus cross-field rules. Raises
-    :class:`FieldError` (a UserError) naming the field."""
-    if str(cfg.algo.entropy_reward) in ("False", "false"):  # YAML reads a bare `off` as False
+def _normalise(cfg: Config) -> None:
+    """YAML reads a bare ``off`` as False and a bare ``no`` as False."""
+    if str(cfg.algo.entropy_reward) in ("False", "false"):
         cfg.algo.entropy_reward = "off"
-    if str(cfg.run.mixed_precision) in ("False", "false"):  # ... and a bare `no` as False
+    if str(cfg.run.mixed_precision) in ("False", "false"):
         cfg.run.mixed_precision = "no"
-    for section in dataclasses.fields(cfg):
-        sub = getattr(cfg, section.name)
-        for f in dataclasses.fields(sub):
-            _check_field(f"{section.name}.{f.name}", getattr(sub, f.name), f.metadata)
-    _check_rules(cfg)
+
+
+def _check_tree(obj: Any, prefix: str) -> None:
+    """:func:`_check_field` on every field of a dataclass tree."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_tree(value, f"{prefix}{f.name}.")
+        else:
+            _check_field(f"{prefix}{f.name}", value, f.metadata)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -13,14 +13,11 @@ within 15 minutes on 2 CPU cores; see assets/shapes/MODEL_CARD.md for the measur
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
 import logging
 import math
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,46 +39,66 @@ from stagerl.worlds.shapes.tokenizer import PatchTokenizer
 log = logging.getLogger(__name__)
 
 
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with a help string (shown by ``stagerl pretrain --help``)."""
+def _f(default: Any, help: str, **checks: Any) -> Any:
+    """A dataclass field with a help string (shown by ``stagerl pretrain --help``) and its
+    ``min``/``max`` (checked by the same loader as the training config)."""
     if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
 
 
 @dataclass
 class PretrainConfig:
     """Every knob of the pretraining recipe; the defaults made the shipped model."""
 
-    seed: int = _f(0, "Seed for data generation, initialisation, batch order and prompt dropout.")
-    train_examples: int = _f(20000, "Renders of the world's 'train' split the model learns from.")
+    seed: int = _f(0, "Seed for data generation, initialisation, batch order and prompt dropout.",
+                   min=0, max=2 ** 63 - 1)
+    train_examples: int = _f(20000, "Renders of the world's 'train' split the model learns from.",
+                             min=1)
     codebook_size: int = _f(512, "K: most frequent actual patches kept by the tokenizer ("
-                            "~512; the default world has only ~420 distinct ones).")
-    patch: int = _f(4, "Patch side in pixels; token grid = canvas / patch per side (32/4 = 8x8).")
-    d_model: int = _f(128, "Transformer width.")
-    n_layers: int = _f(4, "Transformer blocks.")
-    n_heads: int = _f(4, "Attention heads.")
-    mlp_hidden: int = _f(352, "SwiGLU hidden width (~8/3 d_model, Llama's ratio).")
-    prompt_len: int = _f(16, "T: prompt slots; longer prompts keep their first T words.")
+                            "~512; the default world has only ~420 distinct ones).", min=1)
+    patch: int = _f(4, "Patch side in pixels; token grid = canvas / patch per side (32/4 = 8x8).",
+                    min=1)
+    d_model: int = _f(128, "Transformer width.", min=1)
+    n_layers: int = _f(4, "Transformer blocks.", min=1)
+    n_heads: int = _f(4, "Attention heads.", min=1)
+    mlp_hidden: int = _f(352, "SwiGLU hidden width (~8/3 d_model, Llama's ratio).", min=1)
+    prompt_len: int = _f(16, "T: prompt slots; longer prompts keep their first T words.", min=1)
     steps: int = _f(1000, "Optimizer steps (measured: ~800 -> strict 0.37, ~2,200 -> 0.59; "
-                    "1,000 lands in the 0.30-0.65 band, see assets/shapes/MODEL_CARD.md).")
-    batch_size: int = _f(64, "Sequences per optimizer step.")
-    lr: float = _f(1e-3, "Peak AdamW learning rate (linear warmup, cosine decay to 10 % of it).")
-    warmup_steps: int = _f(100, "Linear warmup steps.")
-    weight_decay: float = _f(0.01, "AdamW weight decay on matrices (not on norm gains).")
-    grad_clip: float = _f(1.0, "Max global gradient norm; 0 = off.")
+                    "1,000 lands in the 0.30-0.65 band, see assets/shapes/MODEL_CARD.md).", min=1)
+    batch_size: int = _f(64, "Sequences per optimizer step.", min=1)
+    lr: float = _f(1e-3, "Peak AdamW learning rate (linear warmup, cosine decay to 10 % of it).",
+                   min=0.0)
+    warmup_steps: int = _f(100, "Linear warmup steps.", min=0)
+    weight_decay: float = _f(0.01, "AdamW weight decay on matrices (not on norm gains).", min=0.0)
+    grad_clip: float = _f(1.0, "Max global gradient norm; 0 = off.", min=0.0)
     prompt_dropout: float = _f(0.1, "Probability of replacing a prompt by the null prompt, which "
-                               "trains the unconditional branch for CFG (LlamaGen).")
+                               "trains the unconditional branch for CFG (LlamaGen).",
+                               min=0.0, max=1.0)
     ema_decay: float = _f(0.995, "EMA decay of the weights; the EMA is saved and evaluated; "
-                          "0 = off.")
+                          "0 = off.", min=0.0, max=1.0)
     eval_prompts: int = _f(240, "Held-out 'test' split prompts for the final evaluation (a "
-                           "multiple of 6 gives every category the same count).")
-    eval_images_per_prompt: int = _f(4, "Images sampled per evaluation prompt.")
+                           "multiple of 6 gives every category the same count).", min=1)
+    eval_images_per_prompt: int = _f(4, "Images sampled per evaluation prompt.", min=1)
     eval_cfg_scales: list[float] = _f([1.5, 2.0, 2.5, 3.0], "CFG scales to evaluate at ("
-                                      "1.5-3 suit this model); the card recommends the best.")
-    eval_seed: int = _f(EVAL_SEED, "Seed of the test-split prompts and of sampling at evaluation.")
-    threads: int = _f(0, "torch intra-op threads for this run; 0 = leave torch's default.")
+                                      "1.5-3 suit this model); the card recommends the best.",
+                                      min=0.0)
+    eval_seed: int = _f(EVAL_SEED, "Seed of the test-split prompts and of sampling at evaluation.",
+                        min=0, max=2 ** 63 - 1)
+    threads: int = _f(0, "torch intra-op threads for this run; 0 = leave torch's default.", min=0)
     progress: bool = _f(True, "Show a tqdm progress bar.")
+
+
+@dataclass
+class PretrainOptions(PretrainConfig):
+    """``stagerl pretrain``: the recipe and where its model goes."""
+
+    out: str = _f("runs/pretrain-shapes", "Directory to write the model (weights, config, vocab, "
+                  "tokenizer) and its MODEL_CARD.md.")
+
+    def recipe(self) -> PretrainConfig:
+        return PretrainConfig(**{f.name: getattr(self, f.name)
+                                 for f in dataclasses.fields(PretrainConfig)})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,39 +305,3 @@ def model_card(result: dict[str, Any], command: str) -> str:
         lines += [f"### CFG {ev['cfg_scale']} (mean partial-credit score {ev['partial']:.3f})", "",
                   format_table(ev), ""]
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI (wired into `stagerl pretrain` by cli.py)
-
-
-def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--flag`` per PretrainConfig field, plus ``--out``."""
-    parser.add_argument("--out", default="runs/pretrain-shapes",
-                        help="Directory to write the model (weights, config, vocab, tokenizer).")
-    for f in dataclasses.fields(PretrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata["help"].replace("%", "%%")  # argparse expands %-formats
-        kw = {"default": default, "help": help_text + " (default: %(default)s)"}
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(default, list):
-            parser.add_argument(flag, type=float, nargs="+", **kw)
-        else:
-            parser.add_argument(flag, type=type(default), **kw)
-
-
-def run_from_args(args: argparse.Namespace) -> dict:
-    """Run the recipe from parsed CLI args and write the model card; returns the results dict
-    (``stagerl pretrain`` in cli.py prints its tables)."""
-    from stagerl.errors import UserError
-
-    names = [f.name for f in dataclasses.fields(PretrainConfig)]
-    cfg = PretrainConfig(**{name: getattr(args, name) for name in names})
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.train_examples < 1 or cfg.eval_prompts < 1:
-        raise UserError("pretrain: steps, batch-size, train-examples and eval-prompts must be >= 1")
-    result = pretrain(cfg, args.out)
-    command = shlex.join(["stagerl", *sys.argv[1:]])  # as typed, for the model card
-    (Path(args.out) / "MODEL_CARD.md").write_text(model_card(result, command))
-    return result
