@@ -9,7 +9,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from stagerl.cli_eval import EvalOptions, SampleOptions
+from stagerl.cli_options import options_help
 from stagerl.config import field_help
+from stagerl.pretrain import PretrainOptions
+
+# The other commands' options: (command, options class); docs/config.md lists them after the
+# training config.
+COMMANDS = [("pretrain", PretrainOptions), ("eval", EvalOptions), ("sample", SampleOptions)]
 
 HEADER = """# Config reference
 
@@ -18,6 +25,19 @@ Set any field in a YAML preset (`configs/`) or on the command line: `stagerl tra
 algo.beta=0.01`. `algo.preset` applies a row of the paper's ablation table first; fields you set
 explicitly override it.
 """
+
+
+OTHER = """Every other command's options are one typed dataclass too, loaded by the same code as the
+training config and refused with the same messages. Give them in any mix of three ways, later
+winning: a YAML file of options, one `--flag` per option (`--images-per-prompt 2`), and
+`key=value` overrides (`images_per_prompt=2`):
+
+    stagerl eval my_eval.yaml --checkpoint runs/x prompts=48
+    stagerl pretrain --steps 2000 out=runs/my-base
+
+`stagerl sample` reads its bare arguments as prompts, except a `.yaml` file and `key=value`
+overrides of an option (`n=2`). `set` in `eval`/`sample` overrides the model's training config
+(`--set sampling.temperature=0.9`)."""
 
 
 def render() -> str:
@@ -29,6 +49,12 @@ def render() -> str:
             lines += ["", f"## `{sec}`", "", "| field | default | meaning |", "|---|---|---|"]
             section = sec
         lines.append(f"| `{key}` | `{default}` | {help_.replace('|', '/')} |")
+    lines += ["", "# Other commands", "", OTHER]
+    for command, cls in COMMANDS:
+        lines += ["", f"## `stagerl {command}`", "", "| option | default | meaning |",
+                  "|---|---|---|"]
+        for key, default, help_ in options_help(cls):
+            lines.append(f"| `{key}` | `{default}` | {help_.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 

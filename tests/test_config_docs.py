@@ -19,3 +19,15 @@ def test_config_reference_is_current():
     spec.loader.exec_module(gen)
     assert (ROOT / "docs" / "config.md").read_text() == gen.render(), \
         "docs/config.md is stale: run python scripts/gen_config_docs.py"
+
+
+def test_every_command_option_has_help():
+    spec = importlib.util.spec_from_file_location("gen", ROOT / "scripts" / "gen_config_docs.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    from stagerl.cli_options import options_help
+
+    missing = [f"{command}.{k}" for command, cls in gen.COMMANDS
+               for k, _, h in options_help(cls) if len(h) < 10]
+    assert not missing, f"undocumented options: {missing}"
+    assert {command for command, _ in gen.COMMANDS} >= {"pretrain", "eval", "sample"}

@@ -100,3 +100,13 @@ def options_from_args(cls: type, args: argparse.Namespace, items: list[str] | No
              if getattr(args, f.name, None) is not None}
     labels = {name: flag(name) for name in flags}
     return load_options(cls, path, overrides, flags, labels, check)
+
+
+def options_help(cls: type) -> list[tuple[str, str, str]]:
+    """(field, default, help) for every option of ``cls``, for docs/config.md."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+            else f.default  # type: ignore[misc]
+        rows.append((f.name, repr(default), f.metadata.get("help", "")))
+    return rows
