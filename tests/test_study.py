@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from stagerl.policies.tiny import TinyPolicy
 from stagerl.quality import (cleanliness, code_histogram, encode_images, js_divergence,
                              kl_to_base, pretraining_code_histogram)
 from stagerl.rewards.base import RewardOutput, register_reward
+from stagerl.study_common import (CurvePoint, StudyPlan, StudyRun, StudySettings, StudySummary,
+                                  _score_at_kl, frontier_levels, matched_kl)
 from stagerl.worlds.shapes.prompts import generate
 
 
@@ -110,7 +113,9 @@ def _args(model_dir, out, docs, *extra):
 def test_toy_study_end_to_end_reuse_and_order_independence(tmp_path, model_dir, monkeypatch):
     out, docs = tmp_path / "study", tmp_path / "docs"
     assert main(_args(model_dir, out, docs, "--seeds", "2")) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    text = (out / "summary.json").read_text()
+    assert StudySummary.from_json(text).to_json() == text  # the typed form loses nothing
+    summary = json.loads(text)
     runs = summary["runs"]
     assert sorted((r["row"], r["seed"]) for r in runs) == sorted(
         (row, s) for row in study_mod.ROWS for s in (0, 1))
@@ -205,19 +210,23 @@ def test_a_run_is_reused_when_only_new_or_removed_fields_differ(tmp_path):
     assert not study_mod._same_run({"resolved": older}, cfg)
 
 
+def _run(kls, scores, **fields):
+    """A StudyRun with only what the frontier helpers read: its in-training curve."""
+    curve = [CurvePoint(step=10 * i, heldout=s, heldout_lenient=s, kl=k)
+             for i, (k, s) in enumerate(zip(kls, scores))]
+    return StudyRun(**{"row": "stage", "seed": 0, "run_dir": "runs/stage-s0", "train_seconds": 1.0,
+                       "reused": False, "eval": {}, "curve": curve, "steps": 20, "samples": 120,
+                       "lr": 1e-4, "beta": 0.03, "reward": ["shapes_strict"], **fields})
+
+
 def test_frontier_helpers_interpolate_at_matched_kl():
-    from stagerl.study_common import _score_at_kl, frontier_levels, matched_kl
-
-    def run(kls, scores):
-        return {"curve": [{"step": 10 * i, "kl": k, "heldout": s}
-                          for i, (k, s) in enumerate(zip(kls, scores))]}
-
+    run = _run
     r = run([0.0, 0.02, 0.04], [0.5, 0.6, 0.8])
-    assert _score_at_kl(r["curve"], 0.01) == pytest.approx(0.55)
-    assert _score_at_kl(r["curve"], 0.03) == pytest.approx(0.7)
-    assert _score_at_kl(r["curve"], 0.05) is None  # never reached
+    assert _score_at_kl(r.curve, 0.01) == pytest.approx(0.55)
+    assert _score_at_kl(r.curve, 0.03) == pytest.approx(0.7)
+    assert _score_at_kl(r.curve, 0.05) is None  # never reached
     # Not monotone: the first crossing counts.
-    assert _score_at_kl(run([0.0, 0.04, 0.02], [0.5, 0.9, 0.1])["curve"], 0.02) == \
+    assert _score_at_kl(run([0.0, 0.04, 0.02], [0.5, 0.9, 0.1]).curve, 0.02) == \
         pytest.approx(0.7)
     by_row = {"vanilla_grpo": {1.0: [run([0, 0.02, 0.04], [0.5, 0.6, 0.7])] * 2,
                                2.0: [run([0, 0.04, 0.08], [0.5, 0.6, 0.9])] * 2},
@@ -228,6 +237,79 @@ def test_frontier_helpers_interpolate_at_matched_kl():
     got = matched_kl(by_row, 0.02)
     assert got["vanilla_grpo"][0] == 1.0 and got["vanilla_grpo"][1] == pytest.approx([0.6, 0.6])
     assert got["stage"][0] == 2.0 and got["stage"][1] == pytest.approx([0.85, 0.85])
+
+
+# --------------------------------------------------------------------------------------------------
+# The summary: dataclasses in memory, the same JSON on disk
+
+
+_EVAL = {"key": "0123456789abcdef",
+         "suites": {"test": {"suite": "test", "prompts": 2, "images_per_prompt": 1,
+                             "cfg_scale": 2.0, "seed": 1234,
+                             "strict": {"counting": 0.5, "overall": 0.5},
+                             "lenient": {"counting": 1.0, "overall": 1.0}, "partial": 0.75}},
+         "quality": {"kl_k3": 0.01, "entropy": 2.5, "base_entropy": 2.6, "code_jsd_floor": 0.02}}
+
+
+def _disk_summary() -> dict:
+    """summary.json as `stagerl study` writes it: every key, in its order, at toy size."""
+    plan = {"rows": ["vanilla_grpo", "stage"], "seeds": [0], "steps": 2, "overrides": [],
+            "model": "builtin:shapes", "config_dir": "configs/ablations", "eval_prompts": 2,
+            "eval_images": 1, "curve_suite": "phrasings", "curve_points": 1, "curve_prompts": 2,
+            "curve_images": 1, "quality_ref_examples": 10, "grid_prompts": 2, "grid_images": 1,
+            "conditions": ["lenient"], "condition_seeds": 1,
+            "compare_rows": ["vanilla_grpo", "stage"], "lr_sweep": [2.0], "sweep_in": ["main"],
+            "sweep_seeds": 1, "sweep_steps": 0}
+
+    def run(row, condition, lr_mult, kl):
+        return {"row": row, "seed": 0, "condition": condition, "lr_mult": lr_mult,
+                "job_steps": 0, "run_dir": f"runs/study/runs/{row}-s0", "train_seconds": 3.5,
+                "reused": True, "eval": _EVAL,
+                "curve": [{"step": 0, "heldout": 0.4, "heldout_lenient": 0.5, "kl": 0.0},
+                          {"step": 2, "heldout": 0.6, "heldout_lenient": 0.7, "kl": kl}],
+                "steps": 2, "samples": 12, "lr": 1e-4 * lr_mult, "beta": 0.03,
+                "reward": ["shapes_strict"]}
+
+    return {"plan": plan, "base": _EVAL,
+            "runs": [run("vanilla_grpo", None, 1.0, 0.02), run("stage", "lenient", 1.0, 0.01),
+                     run("stage", None, 2.0, 0.03)],
+            "config": {"P": 2, "G": 3, "lr": 1e-4, "beta": 0.03, "cfg_scale": 2.0, "steps": 2},
+            "wall_seconds": 60.0, "train_seconds": 10.5, "reused_runs": 3, "shard": None}
+
+
+def test_summary_loads_the_on_disk_format():
+    d = _disk_summary()
+    s = StudySummary.from_dict(copy.deepcopy(d))
+    assert s.plan == StudyPlan(**d["plan"]) and s.config.P == 2 and s.config.cfg_scale == 2.0
+    assert [(r.row, r.condition, r.lr_mult) for r in s.runs] == [
+        ("vanilla_grpo", None, 1.0), ("stage", "lenient", 1.0), ("stage", None, 2.0)]
+    assert s.runs[1].curve[1] == CurvePoint(step=2, heldout=0.6, heldout_lenient=0.7, kl=0.01)
+    assert s.base == _EVAL and s.runs[0].eval == _EVAL  # the evaluation payload stays a dict
+    assert [r.at_plan_lr_and_steps for r in s.runs] == [True, True, False]
+    assert s.shard is None and s.reused_runs == 3
+    assert s.to_dict() == d  # the same keys and values back
+    assert s.to_json() == json.dumps(d, indent=1)  # and the same file, key order included
+    # A file from before lr_mult, job_steps and curve existed, with a key since removed.
+    old = copy.deepcopy(d)
+    for r in old["runs"]:
+        del r["lr_mult"], r["job_steps"], r["curve"]
+        r["gone"] = 1
+    old["shard"] = [0, 2]
+    s_old = StudySummary.from_dict(old)
+    assert all(r.lr_mult == 1.0 and r.job_steps == 0 and r.curve == [] for r in s_old.runs)
+    assert s_old.shard == (0, 2)
+
+
+def test_summary_round_trips_through_json():
+    runs = [_run([0.0, 0.02], [0.5, 0.6], condition="lenient"),
+            _run([0.0, float("nan")], [0.5, 0.7], row="wo_ent_kl", lr_mult=2.0, job_steps=24)]
+    s = StudySummary(plan=StudyPlan(lr_sweep=[2.0], sweep_steps=24), base=_EVAL, runs=runs,
+                     config=StudySettings(P=2, G=3, lr=1e-4, beta=0.03, cfg_scale=2.0, steps=20),
+                     wall_seconds=5.0, train_seconds=2.0, reused_runs=0, shard=(1, 2))
+    back = StudySummary.from_json(s.to_json())
+    assert math.isnan(back.runs[1].curve[1].kl)  # rows without a reference log no KL
+    back.runs[1].curve[1].kl = s.runs[1].curve[1].kl = 0.0  # NaN != NaN; the rest must be equal
+    assert back == s and isinstance(back.shard, tuple)
 
 
 def test_conditions_sweep_frontier_shards_and_jobs(tmp_path, model_dir, monkeypatch):

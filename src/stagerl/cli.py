@@ -217,8 +217,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     from stagerl.study_cli import run_from_args
 
     summary, paths = run_from_args(args, progress=_study_progress())
-    print(f"study finished in {summary['wall_seconds'] / 60:.1f} min "
-          f"({summary['reused_runs']} of {len(summary['runs'])} runs reused)")
+    print(f"study finished in {summary.wall_seconds / 60:.1f} min "
+          f"({summary.reused_runs} of {len(summary.runs)} runs reused)")
     for p in paths:
         print(f"  {p}")
     return 0

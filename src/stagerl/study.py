@@ -29,7 +29,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,61 +40,17 @@ from stagerl.errors import UserError
 from stagerl.data import EVAL_SEED
 from stagerl.eval import SHAPES_SUITES, evaluate_shapes, generate_images, shapes_items
 from stagerl.policies.base import SamplingParams
-from stagerl.study_common import CONDITIONS, load_policy  # noqa: F401 (CONDITIONS re-exported)
+# ROWS, COMPARE_ROWS, MAIN, StudyPlan and CONDITIONS are re-exported: the study's public names.
+from stagerl.study_common import (COMPARE_ROWS, CONDITIONS, MAIN, ROWS,  # noqa: F401
+                                  CurvePoint, StudyPlan, StudyRun, StudySettings, StudySummary,
+                                  load_policy)
 from stagerl.trainer import train
 
 log = logging.getLogger(__name__)
 
-ROWS = ("vanilla_grpo", "plus_ent", "stage", "wo_kl", "wo_ent_kl")
-# The rows every condition and the learning-rate sweep retrain: the three methods whose matched
-# comparison docs/study.md asks for.
-COMPARE_ROWS = ("vanilla_grpo", "plus_ent", "stage")
-MAIN = "main"  # the name of the main setting in --sweep-in
 # In-training KL at an evaluation step: the mean of the logged training KL (k3 to the reference =
 # the base model) over this many logged steps around it (docs/study.md, "The reward-KL frontier").
 KL_WINDOW = 2
-
-
-@dataclass
-class StudyPlan:
-    """Everything that defines a study; saved with its results."""
-
-    rows: list[str] = field(default_factory=lambda: list(ROWS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    # Training steps of every run; 0 = the config's run.steps. The full study uses 80 steps of the
-    # main job's P=8 x G=8 (its 200 steps would not fit): 15 runs and their evaluations then fit
-    # the 60-minute budget on 2 cores, and the sweep fits beside them (docs/study.md).
-    steps: int = 80
-    overrides: list[str] = field(default_factory=list)  # applied to every run
-    model: str = "builtin:shapes"
-    config_dir: str = "configs/ablations"
-    eval_prompts: int = 96  # per suite; a multiple of 12 keeps the tags balanced in every suite
-    eval_images: int = 4
-    # The held-out suite evaluated during training (the frontier's y axis). "phrasings" measures
-    # all six tags; on "compositions" colors and color_attr are 0 for every model (docs/study.md).
-    curve_suite: str = "phrasings"
-    # In-run evaluations (plus before and after): the points of the reward-KL frontier.
-    curve_points: int = 7
-    curve_prompts: int = 96
-    curve_images: int = 2
-    quality_ref_examples: int = 2000  # ground-truth "train" renders for the code histogram
-    grid_prompts: int = 6
-    grid_images: int = 3
-    conditions: list[str] = field(default_factory=list)
-    condition_seeds: int = 3
-    compare_rows: list[str] = field(default_factory=lambda: list(COMPARE_ROWS))
-    lr_sweep: list[float] = field(default_factory=list)  # lr multiples besides 1
-    sweep_in: list[str] = field(default_factory=lambda: [MAIN])  # settings the sweep runs in
-    sweep_seeds: int = 3
-    # Steps of every sweep run, x1 included; 0 = the plan's steps (the x1 runs are then the main
-    # runs). Fewer steps buy seeds and learning rates when time is short (docs/study.md).
-    sweep_steps: int = 0
-
-    @classmethod
-    def quick(cls) -> "StudyPlan":
-        """<= 10 min on 2 cores: short runs, small evaluations, still 3 seeds."""
-        return cls(steps=12, overrides=["sampling.prompts_per_step=4"], eval_prompts=48,
-                   eval_images=2, curve_points=2, curve_prompts=24, quality_ref_examples=1000)
 
 
 @dataclass(frozen=True)
@@ -201,8 +157,8 @@ def train_or_reuse(cfg: Config) -> tuple[Path, float, bool]:
     return run_dir, result.seconds, False
 
 
-def run_curve(run_dir: str | Path, steps: int) -> list[dict[str, float]]:
-    """The run's in-training evaluations: [{step, heldout (strict overall), heldout_lenient, kl}].
+def run_curve(run_dir: str | Path, steps: int) -> list[CurvePoint]:
+    """The run's in-training evaluations, by step.
 
     ``kl`` is the training KL to the reference (the base model; logged per step for rows with a
     reference, k3 per token on the rollout's samples): the policy evaluated after s updates sampled
@@ -221,9 +177,9 @@ def run_curve(run_dir: str | Path, steps: int) -> list[dict[str, float]]:
         res = json.loads(f.read_text())
         near = [kl[t] for t in range(step + 1 - KL_WINDOW, step + KL_WINDOW + 1) if t in kl]
         k = 0.0 if step == 0 else (sum(near) / len(near) if near else float("nan"))
-        points.append({"step": step, "heldout": float(res["strict"]["overall"]),
-                       "heldout_lenient": float(res["lenient"]["overall"]), "kl": k})
-    return sorted(points, key=lambda p: p["step"])
+        points.append(CurvePoint(step=step, heldout=float(res["strict"]["overall"]),
+                                 heldout_lenient=float(res["lenient"]["overall"]), kl=k))
+    return sorted(points, key=lambda p: p.step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,7 +242,7 @@ def plan_jobs(plan: StudyPlan) -> list[Job]:
     return list(dict.fromkeys(jobs))
 
 
-def _run_job(plan: StudyPlan, out: Path, base: Any, job: Job) -> dict[str, Any]:
+def _run_job(plan: StudyPlan, out: Path, base: Any, job: Job) -> StudyRun:
     cfg = run_config(plan, out, job.row, job.seed, job.condition, job.lr_mult, job.steps)
     t0 = time.perf_counter()
     run_dir, seconds, reused = train_or_reuse(cfg)
@@ -294,22 +250,22 @@ def _run_job(plan: StudyPlan, out: Path, base: Any, job: Job) -> dict[str, Any]:
     ev = evaluate_model(policy, base, run_dir, plan, cfg.sampling.cfg_scale)
     log.info("%s: trained in %.0f s%s, evaluated in %.0f s", run_dir.name, seconds,
              " (reused)" if reused else "", time.perf_counter() - t0 - (0 if reused else seconds))
-    return {"row": job.row, "seed": job.seed, "condition": job.condition, "lr_mult": job.lr_mult,
-            "job_steps": job.steps,
-            "run_dir": str(run_dir), "train_seconds": seconds, "reused": reused, "eval": ev,
-            "curve": run_curve(run_dir, cfg.run.steps), "steps": cfg.run.steps,
-            "samples": cfg.run.steps * cfg.sampling.prompts_per_step * cfg.sampling.group_size,
-            "lr": cfg.optim.lr, "beta": cfg.algo.beta, "reward": list(cfg.reward.names)}
+    return StudyRun(row=job.row, seed=job.seed, condition=job.condition, lr_mult=job.lr_mult,
+                    job_steps=job.steps, run_dir=str(run_dir), train_seconds=seconds,
+                    reused=reused, eval=ev, curve=run_curve(run_dir, cfg.run.steps),
+                    steps=cfg.run.steps,
+                    samples=cfg.run.steps * cfg.sampling.prompts_per_step * cfg.sampling.group_size,
+                    lr=cfg.optim.lr, beta=cfg.algo.beta, reward=list(cfg.reward.names))
 
 
-def _worker(plan: StudyPlan, out: str, job: Job) -> dict[str, Any]:
+def _worker(plan: StudyPlan, out: str, job: Job) -> StudyRun:
     """One job in a worker process of ``--jobs``: one thread, its own copy of the base model."""
     torch.set_num_threads(1)
     return _run_job(plan, Path(out), load_policy(plan.model), job)
 
 
 def run_study(plan: StudyPlan, out: str | Path, progress: Any = None, jobs: int = 1,
-              shard: tuple[int, int] | None = None) -> dict[str, Any]:
+              shard: tuple[int, int] | None = None) -> StudySummary:
     """Train and evaluate every run of the plan; returns (and saves) the summary.
 
     ``jobs`` > 1 runs that many runs at once in worker processes. ``shard`` = (i, n) does only
@@ -334,7 +290,7 @@ def run_study(plan: StudyPlan, out: str | Path, progress: Any = None, jobs: int 
     base = load_policy(plan.model)
     base_eval = None if shard else evaluate_model(base, base, out / "base", plan,
                                                    first.sampling.cfg_scale)
-    runs: list[dict[str, Any]] = []
+    runs: list[StudyRun] = []
     if jobs <= 1:
         for k, job in enumerate(todo):
             if progress:
@@ -351,17 +307,13 @@ def run_study(plan: StudyPlan, out: str | Path, progress: Any = None, jobs: int 
                 runs.append(fut.result())
                 if progress:
                     progress(f"[{k + 1}/{len(todo)}] {job.name} done")
-    summary = {"plan": asdict(plan), "base": base_eval, "runs": runs,
-               "config": {"P": first.sampling.prompts_per_step, "G": first.sampling.group_size,
-                          "lr": first.optim.lr, "beta": first.algo.beta,
-                          "cfg_scale": first.sampling.cfg_scale, "steps": plan.steps},
-               "wall_seconds": time.perf_counter() - t_start,
-               "train_seconds": sum(r["train_seconds"] for r in runs),
-               "reused_runs": sum(r["reused"] for r in runs), "shard": shard}
+    settings = StudySettings(P=first.sampling.prompts_per_step, G=first.sampling.group_size,
+                             lr=first.optim.lr, beta=first.algo.beta,
+                             cfg_scale=first.sampling.cfg_scale, steps=plan.steps)
+    summary = StudySummary(plan=plan, base=base_eval, runs=runs, config=settings,
+                           wall_seconds=time.perf_counter() - t_start,
+                           train_seconds=sum(r.train_seconds for r in runs),
+                           reused_runs=sum(r.reused for r in runs), shard=shard)
     if shard is None:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        (out / "summary.json").write_text(summary.to_json())
     return summary
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI

@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from stagerl.config import load_config
 from stagerl.errors import UserError
-from stagerl.study import COMPARE_ROWS, MAIN, ROWS, StudyPlan, plan_jobs, run_study
-from stagerl.study_common import CONDITIONS
+from stagerl.study import plan_jobs, run_study
+from stagerl.study_common import COMPARE_ROWS, CONDITIONS, MAIN, ROWS, StudyPlan, StudySummary
 from stagerl.study_figures import write_report
 
 
@@ -187,7 +187,7 @@ def _defaults() -> argparse.Namespace:
 
 
 def run_from_args(args: argparse.Namespace,
-                  progress: Callable[[str], None]) -> tuple[dict[str, Any], list[Path]]:
+                  progress: Callable[[str], None]) -> tuple[StudySummary, list[Path]]:
     """Run the study from parsed CLI args and write the report (not with ``--shard``); returns
     (summary, written paths). ``stagerl study`` in cli.py reports progress and the result."""
     plan = plan_from_args(args)

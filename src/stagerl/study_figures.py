@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from stagerl.data import EVAL_SEED
-from stagerl.study_common import _lr_label, _lr_order, load_policy, sweep_runs
+from stagerl.study_common import (StudyRun, StudySummary, _lr_label, _lr_order, load_policy,
+                                  sweep_runs)
 from stagerl.study_report import LABELS, REWARD_CONDITIONS, render_markdown
 
 
@@ -51,7 +52,7 @@ PLOTS = [("reward", "Training reward (raw column, smoothed)", [("@reward", "")],
          ("kl", "KL to the reference (k3, per token)", [("policy/kl_k3", "")], True)]
 
 
-def write_plots(summary: dict, docs: Path, prefix: str = "results") -> dict[str, str]:
+def write_plots(summary: StudySummary, docs: Path, prefix: str = "results") -> dict[str, str]:
     """One PNG per curve, one line per row (main study only). Returns {title: file name}."""
     import matplotlib
 
@@ -59,10 +60,10 @@ def write_plots(summary: dict, docs: Path, prefix: str = "results") -> dict[str,
     import matplotlib.pyplot as plt
 
     dirs: dict[str, list[str]] = {}
-    for r in summary["runs"]:
-        if r["condition"] is None and r.get("lr_mult", 1.0) == 1.0 and not r.get("job_steps"):
-            dirs.setdefault(r["row"], []).append(r["run_dir"])
-    steps = summary["config"]["steps"]
+    for r in summary.runs:
+        if r.condition is None and r.at_plan_lr_and_steps:
+            dirs.setdefault(r.row, []).append(r.run_dir)
+    steps = summary.config.steps
     written = {}
     for name, title, keys, smooth in PLOTS:
         fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
@@ -89,7 +90,7 @@ def write_plots(summary: dict, docs: Path, prefix: str = "results") -> dict[str,
     return written
 
 
-def write_frontiers(summary: dict, docs: Path, prefix: str = "results") -> dict[str, str]:
+def write_frontiers(summary: StudySummary, docs: Path, prefix: str = "results") -> dict[str, str]:
     """One reward-KL frontier PNG per swept setting: every in-training evaluation of every run as a
     faint point, the mean over seeds per (method, lr) as a line. Returns {"frontier:<setting>":
     file name}."""
@@ -101,7 +102,7 @@ def write_frontiers(summary: dict, docs: Path, prefix: str = "results") -> dict[
     written = {}
     # The base model's in-training evaluation (step 0, the same for every run): the same prompts
     # and images per prompt as every point of the plot.
-    firsts = [p["heldout"] for r in summary["runs"] for p in r.get("curve", []) if p["step"] == 0]
+    firsts = [p.heldout for r in summary.runs for p in r.curve if p.step == 0]
     base_score = float(np.mean(firsts)) if firsts else None
     styles = ["-", "--", ":", "-."]
     for setting, by_row in sweep_runs(summary).items():
@@ -111,13 +112,13 @@ def write_frontiers(summary: dict, docs: Path, prefix: str = "results") -> dict[
             for j, m in enumerate(sorted(by_lr, key=_lr_order)):
                 runs = by_lr[m]
                 for r in runs:
-                    pts = [(p["kl"], p["heldout"]) for p in r["curve"] if p["kl"] > 0]
+                    pts = [(p.kl, p.heldout) for p in r.curve if p.kl > 0]
                     if pts:
                         ax.scatter(*zip(*pts), s=6, color=color, alpha=0.25, lw=0)
-                steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in runs)))
-                mean = [(np.mean([p["kl"] for r in runs for p in r["curve"] if p["step"] == st]),
-                         np.mean([p["heldout"] for r in runs for p in r["curve"]
-                                  if p["step"] == st])) for st in steps if st > 0]
+                steps = sorted(set.intersection(*({p.step for p in r.curve} for r in runs)))
+                mean = [(np.mean([p.kl for r in runs for p in r.curve if p.step == st]),
+                         np.mean([p.heldout for r in runs for p in r.curve if p.step == st]))
+                        for st in steps if st > 0]
                 mean = [(x, y) for x, y in mean if x > 0 and math.isfinite(x)]
                 if mean:
                     long = isinstance(m, str)
@@ -128,7 +129,7 @@ def write_frontiers(summary: dict, docs: Path, prefix: str = "results") -> dict[
             ax.axhline(base_score, color="gray", lw=0.8, ls="--", label="base model (step 0)")
         ax.set_xscale("log")
         ax.set_xlabel("training KL to the base (k3 / token, log scale)")
-        ax.set_ylabel(f"held-out strict ({summary['plan']['curve_suite']})")
+        ax.set_ylabel(f"held-out strict ({summary.plan.curve_suite})")
         name = "main setting" if setting is None else setting
         ax.set_title(f"Reward-KL frontier, {name}: in-training evaluations", fontsize=10)
         ax.grid(alpha=0.3)
@@ -141,7 +142,8 @@ def write_frontiers(summary: dict, docs: Path, prefix: str = "results") -> dict[
     return written
 
 
-def write_drift_curves(summary: dict, docs: Path, prefix: str = "results") -> dict[str, str]:
+def write_drift_curves(summary: StudySummary, docs: Path,
+                       prefix: str = "results") -> dict[str, str]:
     """Per reward condition: the in-training held-out score under the strict rule (solid) and the
     lenient rule (dashed), mean over seeds per method. Returns {"drift:<condition>": file name}."""
     import matplotlib
@@ -150,25 +152,24 @@ def write_drift_curves(summary: dict, docs: Path, prefix: str = "results") -> di
     import matplotlib.pyplot as plt
 
     written = {}
-    for cond in [c for c in summary["plan"].get("conditions") or [] if c in REWARD_CONDITIONS]:
-        by_row: dict[str, list[dict]] = {}
-        for r in summary["runs"]:
-            if r["condition"] == cond and r.get("lr_mult", 1.0) == 1.0 and r.get("curve") \
-                    and not r.get("job_steps"):
-                by_row.setdefault(r["row"], []).append(r)
+    for cond in [c for c in summary.plan.conditions if c in REWARD_CONDITIONS]:
+        by_row: dict[str, list[StudyRun]] = {}
+        for r in summary.runs:
+            if r.condition == cond and r.at_plan_lr_and_steps and r.curve:
+                by_row.setdefault(r.row, []).append(r)
         if not by_row:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
         for i, (row, runs) in enumerate(by_row.items()):
-            steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in runs)))
-            for key, style in (("heldout", "-"), ("heldout_lenient", "--")):
-                vals = np.array([[next(p[key] for p in r["curve"] if p["step"] == st)
+            steps = sorted(set.intersection(*({p.step for p in r.curve} for r in runs)))
+            for rule, style in (("strict", "-"), ("lenient", "--")):
+                vals = np.array([[next(p.heldout if rule == "strict" else p.heldout_lenient
+                                       for p in r.curve if p.step == st)
                                   for st in steps] for r in runs])
-                rule = "strict" if key == "heldout" else "lenient"
                 ax.plot(steps, vals.mean(0), style, color=f"C{i}", marker="o", ms=3,
                         label=f"{LABELS.get(row, row)}, {rule}")
         ax.set_xlabel("step")
-        ax.set_ylabel(f"held-out score ({summary['plan']['curve_suite']})")
+        ax.set_ylabel(f"held-out score ({summary.plan.curve_suite})")
         ax.set_title(f"Trained on `{cond}`: held-out strict (solid) and lenient (dashed)",
                      fontsize=10)
         ax.grid(alpha=0.3)
@@ -181,28 +182,27 @@ def write_drift_curves(summary: dict, docs: Path, prefix: str = "results") -> di
     return written
 
 
-def write_grid(summary: dict, docs: Path, out: Path, prefix: str = "results") -> str | None:
+def write_grid(summary: StudySummary, docs: Path, out: Path, prefix: str = "results") -> str | None:
     """Base / vanilla GRPO / STAGE (first seed) on the same prompts and sampling seeds."""
     from PIL import Image, ImageDraw, ImageFont
 
     from stagerl.eval import generate_images, shapes_items
     from stagerl.policies.base import SamplingParams
 
-    plan = summary["plan"]
-    seed0 = plan["seeds"][0]
-    models = [("base model", plan["model"])]
-    for r in summary["runs"]:
-        if r["condition"] is None and r.get("lr_mult", 1.0) == 1.0 and r["seed"] == seed0 \
-                and not r.get("job_steps") \
-                and r["row"] in ("vanilla_grpo", "stage"):
-            models.append((f"{LABELS[r['row']]} (seed {seed0})", str(Path(r["run_dir"]) / "final")))
+    plan = summary.plan
+    seed0 = plan.seeds[0]
+    models = [("base model", plan.model)]
+    for r in summary.runs:
+        if r.condition is None and r.at_plan_lr_and_steps and r.seed == seed0 \
+                and r.row in ("vanilla_grpo", "stage"):
+            models.append((f"{LABELS[r.row]} (seed {seed0})", str(Path(r.run_dir) / "final")))
     if len(models) < 2:
         return None
-    half = max(1, plan["grid_prompts"] // 2)
+    half = max(1, plan.grid_prompts // 2)
     items = shapes_items("test", half, EVAL_SEED + 7) + shapes_items("compositions", half,
                                                                      EVAL_SEED + 7)
-    k, scale, pad, head, left = plan["grid_images"], 3, 4, 44, 120
-    params = SamplingParams(cfg_scale=summary["config"]["cfg_scale"])
+    k, scale, pad, head, left = plan.grid_images, 3, 4, 44, 120
+    params = SamplingParams(cfg_scale=summary.config.cfg_scale)
     rows = [generate_images(load_policy(path), items, k, params, EVAL_SEED + 7,
                             out / "grid" / f"model{i}") for i, (_, path) in enumerate(models)]
     cell = rows[0][0][0].width * scale
@@ -229,7 +229,7 @@ def write_grid(summary: dict, docs: Path, out: Path, prefix: str = "results") ->
     return fname
 
 
-def write_report(summary: dict, docs: str | Path, out: str | Path, command: str,
+def write_report(summary: StudySummary, docs: str | Path, out: str | Path, command: str,
                  prefix: str = "results") -> list[Path]:
     """docs/<prefix>.md + docs/<prefix>_*.png from a study summary. Returns the written paths."""
     docs, out = Path(docs), Path(out)
@@ -242,7 +242,7 @@ def write_report(summary: dict, docs: str | Path, out: str | Path, command: str,
     if grid:
         text += ("\n## Image grid\n\nSame prompts (three in-distribution, three held-out "
                  "compositions) and sampling seeds for every model; columns are "
-                 f"{summary['plan']['grid_images']} samples per prompt.\n\n![grid]({grid})\n")
+                 f"{summary.plan.grid_images} samples per prompt.\n\n![grid]({grid})\n")
     md = docs / f"{prefix}.md"
     md.write_text(text)
     return [md] + [docs / f for f in [*figures.values(), *frontiers.values()]] + \

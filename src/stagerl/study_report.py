@@ -12,13 +12,14 @@ from __future__ import annotations
 import datetime
 import math
 import subprocess
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from stagerl.eval import SHAPES_SUITES, markdown_table
-from stagerl.study_common import (CONDITIONS, _lr_label, _lr_order, frontier_levels, matched_kl,
-                                  sweep_runs)
+from stagerl.study_common import (CONDITIONS, ByLr, LrKey, StudySummary, _lr_label, _lr_order,
+                                  frontier_levels, matched_kl, sweep_runs)
 
 LABELS = {"base": "base model", "vanilla_grpo": "vanilla GRPO", "plus_ent": "+Ent",
           "stage": "STAGE", "wo_kl": "w/o KL", "wo_ent_kl": "w/o Ent & KL"}
@@ -66,16 +67,19 @@ def flat_metrics(ev: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def group_runs(summary: dict[str, Any]) -> dict[tuple[str, str | None], list[dict[str, float]]]:
+Groups = dict[tuple[str, str | None], list[dict[str, float]]]
+
+
+def group_runs(summary: StudySummary) -> Groups:
     """(row, condition) -> per-seed flat metrics, at the plan's learning rate (no sweep runs)."""
-    groups: dict[tuple[str, str | None], list[dict[str, float]]] = {}
-    for r in summary["runs"]:
-        if r.get("lr_mult", 1.0) == 1.0 and not r.get("job_steps"):
-            groups.setdefault((r["row"], r["condition"]), []).append(flat_metrics(r["eval"]))
+    groups: Groups = {}
+    for r in summary.runs:
+        if r.at_plan_lr_and_steps:
+            groups.setdefault((r.row, r.condition), []).append(flat_metrics(r.eval))
     return groups
 
 
-def _with_main(groups: dict, row: str, cond: str | None) -> list[dict[str, float]] | None:
+def _with_main(groups: Groups, row: str, cond: str | None) -> list[dict[str, float]] | None:
     """A row's runs in a condition; a condition that does not retrain the row (it cannot change
     it, see study.CONDITIONS "rows") falls back on the main runs."""
     if (row, cond) in groups:
@@ -106,7 +110,23 @@ def fmt(values: list[float]) -> str:
     return f"{m:.{d}f}" if n == 1 else f"{m:.{d}f} ± {s:.{d}f}"
 
 
-def compare(a: list[float], b: list[float], higher_better: bool | None) -> dict[str, Any]:
+@dataclass
+class Comparison:
+    """a vs b over seeds: means, their difference d and its se, and the verdict."""
+
+    a: float
+    b: float
+    d: float
+    se: float
+    clear: bool  # |d| > 2 se
+    # "better" or "worse" (said of a; when higher or lower is better), "different" (when neither
+    # is), or "within seed noise" (not clear)
+    word: str
+    na: int  # seeds behind a
+    nb: int
+
+
+def compare(a: list[float], b: list[float], higher_better: bool | None) -> Comparison:
     """a vs b: difference of means, se, and a verdict word."""
     ma, sa, na = stats(a)
     mb, sb, nb = stats(b)
@@ -117,18 +137,18 @@ def compare(a: list[float], b: list[float], higher_better: bool | None) -> dict[
         word = "within seed noise" if not clear else "different"
     else:
         word = "better" if (d > 0) == higher_better else "worse"
-    return {"a": ma, "b": mb, "d": d, "se": se, "clear": clear, "word": word, "na": na, "nb": nb}
+    return Comparison(a=ma, b=mb, d=d, se=se, clear=clear, word=word, na=na, nb=nb)
 
 
 # --------------------------------------------------------------------------------------------------
 # Markdown
 
 
-def _table_rows(summary: dict, groups: dict, keys: list[tuple[str, str]],
+def _table_rows(summary: StudySummary, groups: Groups, keys: list[tuple[str, str]],
                 condition: str | None = None) -> dict[str, dict[str, str]]:
     rows: dict[str, dict[str, str]] = {}
     if condition is None:
-        base = flat_metrics(summary["base"])
+        base = flat_metrics(summary.base)
         rows[LABELS["base"]] = {lab: fmt([base.get(k, float("nan"))]) for k, lab in keys}
     for (row, cond), runs in groups.items():
         if cond != condition:
@@ -138,13 +158,13 @@ def _table_rows(summary: dict, groups: dict, keys: list[tuple[str, str]],
     return rows
 
 
-def suite_tables(summary: dict, groups: dict) -> list[str]:
+def suite_tables(summary: StudySummary, groups: Groups) -> list[str]:
     out = []
     for suite in SHAPES_SUITES:
-        tags = list(summary["base"]["suites"][suite]["strict"])
+        tags = list(summary.base["suites"][suite]["strict"])
         keys = [(f"{suite}/strict/{t}", t) for t in tags]
         keys += [(f"{suite}/lenient/overall", "lenient overall"), (f"{suite}/partial", "partial")]
-        res = summary["base"]["suites"][suite]
+        res = summary.base["suites"][suite]
         title = (f"{SUITE_TITLES[suite]}: strict accuracy per tag, {res['prompts']} prompts x "
                  f"{res['images_per_prompt']} images")
         out.append(f"### {SUITE_TITLES[suite]}\n\n" +
@@ -152,9 +172,9 @@ def suite_tables(summary: dict, groups: dict) -> list[str]:
     return out
 
 
-def quality_table(summary: dict, groups: dict) -> str:
+def quality_table(summary: StudySummary, groups: Groups) -> str:
     keys = [(f"quality/{k}", lab) for k, lab, _ in QUALITY]
-    floor = summary["base"]["quality"].get("code_jsd_floor", float("nan"))
+    floor = summary.base["quality"].get("code_jsd_floor", float("nan"))
     return ("### Quality and drift (all three suites' images pooled)\n\n"
             + markdown_table(_table_rows(summary, groups, keys),
                              "Measures the reward does not see (src/stagerl/quality.py)")
@@ -163,19 +183,19 @@ def quality_table(summary: dict, groups: dict) -> str:
               f"{floor:.4f} bits.\n")
 
 
-def _sentence(label: str, c: dict[str, Any], a_name: str, b_name: str) -> str:
-    k = max(_digits(c["a"]), _digits(c["b"]), _digits(c["d"]))
-    diff = (f"{c['a']:.{k}f} vs {c['b']:.{k}f} (difference {c['d']:+.{k}f}, "
-            f"2 se = {2 * c['se']:.{k}f}; " + (f"{c['na']} vs {c['nb']} seeds)" if c["nb"] > 1
-                                               else f"{c['na']} seeds vs one evaluation)"))
-    if c["word"] in ("better", "worse"):
-        return f"- **{label}**: {a_name} is {c['word']} than {b_name}: {diff}."
+def _sentence(label: str, c: Comparison, a_name: str, b_name: str) -> str:
+    k = max(_digits(c.a), _digits(c.b), _digits(c.d))
+    diff = (f"{c.a:.{k}f} vs {c.b:.{k}f} (difference {c.d:+.{k}f}, "
+            f"2 se = {2 * c.se:.{k}f}; " + (f"{c.na} vs {c.nb} seeds)" if c.nb > 1
+                                            else f"{c.na} seeds vs one evaluation)"))
+    if c.word in ("better", "worse"):
+        return f"- **{label}**: {a_name} is {c.word} than {b_name}: {diff}."
     return f"- **{label}**: no clear difference between {a_name} and {b_name}: {diff}."
 
 
-def findings(summary: dict, groups: dict) -> list[str]:
+def findings(summary: StudySummary, groups: Groups) -> list[str]:
     """The paper's claims checked one by one, with numbers (read in docs/study.md)."""
-    base = flat_metrics(summary["base"])
+    base = flat_metrics(summary.base)
     lines = []
     grpo, stage = groups.get(("vanilla_grpo", None)), groups.get(("stage", None))
     if grpo:
@@ -198,13 +218,13 @@ def findings(summary: dict, groups: dict) -> list[str]:
 
 def _diff_cell(a: list[float], b: list[float], hb: bool | None) -> str:
     c = compare(a, b, hb)
-    mark = f" ({c['word']})" if c["clear"] else ""
-    k = _digits(c["d"])
-    return f"{c['d']:+.{k}f} ± {2 * c['se']:.{k}f}{mark}"
+    mark = f" ({c.word})" if c.clear else ""
+    k = _digits(c.d)
+    return f"{c.d:+.{k}f} ± {2 * c.se:.{k}f}{mark}"
 
 
-def conditions_section(summary: dict, groups: dict) -> list[str]:
-    conds = [c for c in summary["plan"].get("conditions") or [] if c not in REWARD_CONDITIONS]
+def conditions_section(summary: StudySummary, groups: Groups) -> list[str]:
+    conds = [c for c in summary.plan.conditions if c not in REWARD_CONDITIONS]
     if not conds:
         return []
     lines = ["## Conditions: when does a difference appear?", "",
@@ -251,12 +271,12 @@ DRIFT = [("test/strict/overall", "in-distribution strict", True),
          ("quality/entropy_gap", "entropy gap to base", False)]
 
 
-def drift_section(summary: dict, groups: dict, figures: dict[str, str]) -> list[str]:
+def drift_section(summary: StudySummary, groups: Groups, figures: dict[str, str]) -> list[str]:
     """For each reward condition: absolute values, the drift of vanilla GRPO (vs the base model and
     vs vanilla GRPO trained on the strict reward) and each method against vanilla GRPO."""
-    conds = [c for c in summary["plan"].get("conditions") or [] if c in REWARD_CONDITIONS]
+    conds = [c for c in summary.plan.conditions if c in REWARD_CONDITIONS]
     lines: list[str] = []
-    base = flat_metrics(summary["base"])
+    base = flat_metrics(summary.base)
     for cond in conds:
         van = groups.get(("vanilla_grpo", cond))
         if not van:
@@ -297,32 +317,32 @@ def drift_section(summary: dict, groups: dict, figures: dict[str, str]) -> list[
 # The learning-rate sweep and the reward-KL frontier
 
 
-def best_lr(by_lr: dict[float, list[dict]], key: str) -> float:
+def best_lr(by_lr: ByLr, key: str) -> LrKey:
     """The lr multiple with the highest mean final ``key`` over seeds."""
     return max((m for m in by_lr if not isinstance(m, str)),
-               key=lambda m: np.mean([flat_metrics(r["eval"]).get(key, -1.0) for r in by_lr[m]]))
+               key=lambda m: np.mean([flat_metrics(r.eval).get(key, -1.0) for r in by_lr[m]]))
 
 
-def sweep_section(summary: dict, figures: dict[str, str]) -> list[str]:
+def sweep_section(summary: StudySummary, figures: dict[str, str]) -> list[str]:
     sweeps = sweep_runs(summary)
     if not sweeps:
         return []
-    plan, cfg = summary["plan"], summary["config"]
-    curve_key = f"{plan['curve_suite']}/strict/overall"
-    sweep_steps = plan.get("sweep_steps") or cfg["steps"]
+    plan, cfg = summary.plan, summary.config
+    curve_key = f"{plan.curve_suite}/strict/overall"
+    sweep_steps = plan.sweep_steps or cfg.steps
     n_seeds = max(len(runs) for by_row in sweeps.values() for by_lr in by_row.values()
                   for runs in by_lr.values())
-    which = ("the x1 runs are the main runs" if sweep_steps == cfg["steps"] else
+    which = ("the x1 runs are the main runs" if sweep_steps == cfg.steps else
              "shorter than the main runs, so the x1 runs are separate runs")
     lines = ["## Learning-rate sweep and the reward-KL frontier", "",
              f"Vanilla GRPO, +Ent and STAGE, {sweep_steps} steps per run ({which}), "
              f"at {n_seeds} seeds x "
-             f"learning rates {', '.join(f'{m:g}' for m in sorted({1.0, *plan['lr_sweep']}))} x "
-             f"{cfg['lr']:g}. The frontier plots, for every run, the held-out strict score of each "
-             f"in-training evaluation ({plan['curve_prompts']} `{plan['curve_suite']}` prompts x "
-             f"{plan['curve_images']} images) against the training KL to the base model at that "
+             f"learning rates {', '.join(f'{m:g}' for m in sorted({1.0, *plan.lr_sweep}))} x "
+             f"{cfg.lr:g}. The frontier plots, for every run, the held-out strict score of each "
+             f"in-training evaluation ({plan.curve_prompts} `{plan.curve_suite}` prompts x "
+             f"{plan.curve_images} images) against the training KL to the base model at that "
              f"step (docs/study.md, \"The reward-KL frontier\"). \"Best lr\" is the one with the "
-             f"highest mean final `{plan['curve_suite']}` strict score (full evaluation); picking "
+             f"highest mean final `{plan.curve_suite}` strict score (full evaluation); picking "
              f"it on the evaluation it is judged on favours every method equally.", ""]
     keys = [(k, lab) for k, lab, _ in HEADLINE]
     for setting, by_row in sweeps.items():
@@ -335,11 +355,11 @@ def sweep_section(summary: dict, figures: dict[str, str]) -> list[str]:
         for row, by_lr in by_row.items():
             for m in sorted(by_lr, key=_lr_order):
                 rows[f"{LABELS[row]}, lr {_lr_label(m)}"] = {
-                    lab: fmt([flat_metrics(r["eval"]).get(k, float("nan")) for r in by_lr[m]])
+                    lab: fmt([flat_metrics(r.eval).get(k, float("nan")) for r in by_lr[m]])
                     for k, lab in keys}
         lines.append(markdown_table(rows, f"Final evaluations per learning rate, {name}"))
         best = {row: best_lr(by_lr, curve_key) for row, by_lr in by_row.items()}
-        at_best = {row: [flat_metrics(r["eval"]) for r in by_row[row][m]]
+        at_best = {row: [flat_metrics(r.eval) for r in by_row[row][m]]
                    for row, m in best.items()}
         if "vanilla_grpo" in at_best:
             diffs = {}
@@ -384,23 +404,23 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _timing(summary: dict) -> str:
+def _timing(summary: StudySummary) -> str:
     """Wall time of the invocation that wrote the report, and the training time of the runs (summed
     over runs, measured when each was trained, so it stays true for reused runs)."""
-    n, reused = len(summary["runs"]), summary["reused_runs"]
-    text = (f"- time: training summed over the {n} runs {summary['train_seconds'] / 60:.1f} min; "
-            f"the invocation that wrote this page took {summary['wall_seconds'] / 60:.1f} min wall")
+    n, reused = len(summary.runs), summary.reused_runs
+    text = (f"- time: training summed over the {n} runs {summary.train_seconds / 60:.1f} min; "
+            f"the invocation that wrote this page took {summary.wall_seconds / 60:.1f} min wall")
     if reused:
         text += (f" and reused {reused} of {n} runs (and their cached evaluations) from an "
                  f"earlier invocation")
     return text + ("; the 2 CPU cores were shared with other jobs, so times are upper bounds.")
 
 
-def render_markdown(summary: dict, command: str, figures: dict[str, str],
+def render_markdown(summary: StudySummary, command: str, figures: dict[str, str],
                     frontiers: dict[str, str] | None = None) -> str:
     groups = group_runs(summary)
-    plan, cfg = summary["plan"], summary["config"]
-    samples = cfg["steps"] * cfg["P"] * cfg["G"]
+    plan, cfg = summary.plan, summary.config
+    samples = cfg.steps * cfg.P * cfg.G
     quick = "--quick" in command
     lines = [f"# STAGE vs GRPO on the shapes world{' (quick variant)' if quick else ''}", "",
              f"Generated by `{command}` from commit `{_git_commit()}` on "
@@ -410,16 +430,16 @@ def render_markdown(summary: dict, command: str, figures: dict[str, str],
         lines += ["> This is the **quick** variant: short runs and small evaluations. Its numbers "
                   "are noisier and its runs shorter than the full study's.", ""]
     lines += ["## Setup", "",
-              f"- rows: {', '.join(LABELS.get(r, r) for r in plan['rows'])}; seeds "
-              f"{plan['seeds']} each; base model `{plan['model']}`.",
-              f"- equal sample budget: {cfg['steps']} steps x P={cfg['P']} prompts x G={cfg['G']} "
-              f"samples = {samples} samples per run; lr {cfg['lr']:g}, beta {cfg['beta']:g} (rows "
-              f"with KL), CFG {cfg['cfg_scale']:g}; extra overrides: "
-              f"{plan['overrides'] or 'none'}.",
-              f"- evaluation: {plan['eval_prompts']} prompts x {plan['eval_images']} images per "
+              f"- rows: {', '.join(LABELS.get(r, r) for r in plan.rows)}; seeds "
+              f"{plan.seeds} each; base model `{plan.model}`.",
+              f"- equal sample budget: {cfg.steps} steps x P={cfg.P} prompts x G={cfg.G} "
+              f"samples = {samples} samples per run; lr {cfg.lr:g}, beta {cfg.beta:g} (rows "
+              f"with KL), CFG {cfg.cfg_scale:g}; extra overrides: "
+              f"{plan.overrides or 'none'}.",
+              f"- evaluation: {plan.eval_prompts} prompts x {plan.eval_images} images per "
               f"suite, the same prompts and sampling seeds for every model; during training, "
-              f"{plan['curve_prompts']} `{plan['curve_suite']}` prompts x {plan['curve_images']} "
-              f"images every {max(1, cfg['steps'] // (plan['curve_points'] + 1))} steps.",
+              f"{plan.curve_prompts} `{plan.curve_suite}` prompts x {plan.curve_images} "
+              f"images every {max(1, cfg.steps // (plan.curve_points + 1))} steps.",
               _timing(summary),
               "",
               "Tables show mean ± sample std over seeds (the base model is one deterministic "
@@ -443,7 +463,3 @@ def render_markdown(summary: dict, command: str, figures: dict[str, str],
     lines += sweep_section(summary, frontiers or {})
     lines += conditions_section(summary, groups)
     return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------------------
-# Figures
