@@ -82,3 +82,24 @@ def test_both_adapters_draw_and_score_identically_on_identical_logits(params, mo
     torch.testing.assert_close(a.logprobs, b.logprobs[:, :length], rtol=0, atol=1e-6)
     torch.testing.assert_close(a.behaviour_logprobs, b.behaviour_logprobs[:, :length], rtol=0,
                                atol=1e-6)
+
+
+def test_one_sampling_loop_for_rollouts_and_evaluation():
+    """sample_tokens is the loop every caller uses: evaluation's chunk noise reproduces a sampler
+    that steps a seeded generator itself, and the tokens do not depend on the micro-batching."""
+    from stagerl.policies.sampling import chunk_noise, group_noise, sample_tokens
+
+    policy = make_tiny_policy().eval()
+    prompts = ["a red circle", "two blue squares", "a green triangle"] * 2
+    params = SamplingParams(cfg_scale=2.0, top_k=5)
+    n, length = len(prompts), policy.num_image_tokens
+    inputs = policy.encode_prompts(prompts)
+    own = policy.sample(inputs, params, generator=torch.Generator().manual_seed(7)).tokens
+    _, toks, lps, ents = sample_tokens(policy, prompts, params, chunk_noise(7, n, length))
+    assert torch.equal(toks, own)
+    assert lps.shape == ents.shape == (n, length)
+    noise = group_noise([1, 2, 3], 2, length)
+    whole = sample_tokens(policy, prompts, params, noise)[1]
+    assert torch.equal(sample_tokens(policy, prompts, params, noise, micro=4)[1], whole)
+    assert not torch.equal(sample_tokens(policy, prompts, params, chunk_noise(8, n, length))[1],
+                           own)  # the noise is what decides the draw

@@ -38,6 +38,7 @@ from stagerl.data import (EVAL_SEED, SHAPES_SUITES, SUITE_ALIASES, PromptItem,  
                           check_suite, load_prompt_file, mix_seed, suite_names)
 from stagerl.errors import UserError
 from stagerl.policies.base import Policy, SamplingParams
+from stagerl.policies.sampling import chunk_noise, sample_tokens
 from stagerl.worlds.shapes.evaluate import category_table, evaluate_batch
 from stagerl.worlds.shapes.prompts import generate
 from stagerl.worlds.shapes.spec import WorldSpec
@@ -155,9 +156,9 @@ def _sample_chunk(policy: Policy, chunk: list[PromptItem], first: int, images_pe
                   ) -> list[list[Image.Image]]:
     """Images of one chunk of prompts, written to their prompt folders when ``out_dir`` is given."""
     prompts = [it.prompt for it in chunk for _ in range(images_per_prompt)]
-    inputs = policy.encode_prompts(prompts).to(next(policy.parameters()).device)
-    out = policy.sample(inputs, params, generator=torch.Generator(device="cpu").manual_seed(seed))
-    images = policy.decode(out.tokens)
+    noise = chunk_noise(seed, len(prompts), policy.num_image_tokens)  # [N, L]
+    _, tokens, _, _ = sample_tokens(policy, prompts, params, noise)
+    images = policy.decode(tokens)
     result = []
     for k, it in enumerate(chunk):
         imgs = images[k * images_per_prompt:(k + 1) * images_per_prompt]

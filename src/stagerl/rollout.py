@@ -17,7 +17,7 @@ from PIL import Image
 from stagerl import algo
 from stagerl.data import PromptItem, mix_seed
 from stagerl.policies.base import Policy, PromptInputs, SamplingParams
-from stagerl.policies.sampling import group_noise
+from stagerl.policies.sampling import group_noise, sample_tokens
 from stagerl.rewards.base import RewardSet
 
 
@@ -101,18 +101,9 @@ def generate(policy: Policy, items: list[PromptItem], first_group: int, group_si
     (:mod:`stagerl.policies.sampling`).
     """
     prompts = [it.prompt for it in items for _ in range(group_size)]
-    device = next(policy.parameters()).device
-    inputs = policy.encode_prompts(prompts).to(device)
     noise = group_noise([mix_seed(seed, first_group + k) for k in range(len(items))], group_size,
-                        policy.num_image_tokens).to(device)  # [N, L]
-    micro = micro or len(prompts)
-    toks, lps, ents = [], [], []
-    for s in range(0, len(prompts), micro):
-        out = policy.sample(inputs.select(slice(s, s + micro)), params, noise=noise[s:s + micro])
-        toks.append(out.tokens)
-        lps.append(out.logprobs.float())
-        ents.append(out.entropy.float())
-    return inputs, torch.cat(toks), torch.cat(lps), torch.cat(ents)
+                        policy.num_image_tokens)  # [N, L]
+    return sample_tokens(policy, prompts, params, noise, micro)
 
 
 def rollout(policy: Policy, reference: Policy | None, items: list[PromptItem], first_group: int,

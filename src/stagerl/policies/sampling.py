@@ -15,6 +15,11 @@ Randomness enters in :func:`draw`, in one of two ways:
   trainer draws it per prompt group from a generator seeded by (seed, step, global group index),
   so a rollout's tokens do not depend on how groups are spread over processes or micro-batches,
   nor on the device: a 2-process run samples exactly what a 1-process run samples.
+
+:func:`sample_tokens` is the one sampling loop over a batch of prompts: training rollouts,
+evaluation, ``stagerl sample``, pretraining checks and the study all call it, and differ only in
+where their noise comes from (:func:`group_noise` per prompt group, :func:`chunk_noise` per
+evaluation chunk).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from stagerl.policies.base import Policy, PromptInputs, SamplingParams
 
 
 def guide(cond: Tensor, uncond: Tensor | None, cfg_scale: float) -> Tensor:
@@ -138,8 +145,33 @@ def draw(probs: Tensor, generator: torch.Generator | None = None,
     return picked[:, 0].to(probs.device)
 
 
+def chunk_noise(seed: int, rows: int, length: int) -> Tensor:
+    """[rows, L] uniforms from one generator seeded ``seed``, drawn position by position (one
+    uniform per row per step), i.e. the draws a sampler stepping a ``torch.Generator`` makes."""
+    return torch.rand(length, rows, generator=torch.Generator().manual_seed(seed)).T
+
+
 def group_noise(group_seeds: list[int], group_size: int, length: int) -> Tensor:
     """[len(group_seeds) * group_size, L] uniforms; group k's G rows come from its own seed."""
     rows = [torch.rand(group_size, length, generator=torch.Generator().manual_seed(s))
             for s in group_seeds]
     return torch.cat(rows) if rows else torch.zeros(0, length)
+
+
+@torch.no_grad()
+def sample_tokens(policy: Policy, prompts: list[str], params: SamplingParams, noise: Tensor,
+                  micro: int = 0) -> tuple[PromptInputs, Tensor, Tensor, Tensor]:
+    """The sampling loop: ``prompts`` (N) -> (inputs [N, T], tokens [N, L], scored log-probs
+    [N, L], scored entropies [N, L]), ``micro`` rows at a time (0 = all at once), row i drawing
+    with ``noise[i]`` [L], so the tokens do not depend on the micro-batching."""
+    device = next(policy.parameters()).device
+    inputs = policy.encode_prompts(prompts).to(device)
+    noise = noise.to(device)
+    micro = micro or len(prompts)
+    toks, lps, ents = [], [], []
+    for s in range(0, len(prompts), micro):
+        out = policy.sample(inputs.select(slice(s, s + micro)), params, noise=noise[s:s + micro])
+        toks.append(out.tokens)
+        lps.append(out.logprobs.float())
+        ents.append(out.entropy.float())
+    return inputs, torch.cat(toks), torch.cat(lps), torch.cat(ents)
