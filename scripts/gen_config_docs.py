@@ -13,10 +13,12 @@ from stagerl.cli_eval import EvalOptions, SampleOptions
 from stagerl.cli_options import options_help
 from stagerl.config import field_help
 from stagerl.pretrain import PretrainOptions
+from stagerl.study_cli import StudyOptions
 
 # The other commands' options: (command, options class); docs/config.md lists them after the
 # training config.
-COMMANDS = [("pretrain", PretrainOptions), ("eval", EvalOptions), ("sample", SampleOptions)]
+COMMANDS = [("pretrain", PretrainOptions), ("eval", EvalOptions), ("sample", SampleOptions),
+            ("study", StudyOptions)]
 
 HEADER = """# Config reference
 
@@ -34,6 +36,10 @@ winning: a YAML file of options, one `--flag` per option (`--images-per-prompt 2
 
     stagerl eval my_eval.yaml --checkpoint runs/x prompts=48
     stagerl pretrain --steps 2000 out=runs/my-base
+    stagerl study --conditions lenient --lr-sweep 2,4 seeds=2
+
+A list option takes its values space- or comma-separated after its flag (`--lr-sweep 2 4` or
+`--lr-sweep 2,4`) and as a YAML list in a file or override (`lr_sweep=[2,4]`).
 
 `stagerl sample` reads its bare arguments as prompts, except a `.yaml` file and `key=value`
 overrides of an option (`n=2`). `set` in `eval`/`sample` overrides the model's training config

@@ -90,3 +90,18 @@ def test_pretrain_options_are_the_recipe_plus_out():
     recipe = opts.recipe()
     assert type(recipe) is PretrainConfig and recipe.steps == 7 and not hasattr(recipe, "out")
     assert opts.out == "somewhere"
+
+
+def test_study_options_lists_and_raw_overrides(tmp_path):
+    from stagerl.study_cli import StudyOptions, command_line
+
+    f = tmp_path / "study.yaml"
+    f.write_text("seeds: 2\nconditions: [lenient]\n")
+    opts = _parse(StudyOptions, [str(f), "--lr-sweep", "2,4", "--rows", "stage", "vanilla_grpo",
+                                 "--set", "reward.names=[shapes_strict,shapes_partial]"])
+    assert opts.seeds == 2 and opts.conditions == ["lenient"] and opts.lr_sweep == [2.0, 4.0]
+    assert opts.rows == ["stage", "vanilla_grpo"]
+    assert opts.set == ["reward.names=[shapes_strict,shapes_partial]"]  # not split at its comma
+    line = command_line(opts)
+    assert "--seeds 2" in line and "--lr-sweep 2 4" in line and "--conditions lenient" in line
+    assert _parse(StudyOptions, line.split()[2:]) == opts  # the header's command reproduces them

@@ -30,4 +30,4 @@ def test_every_command_option_has_help():
     missing = [f"{command}.{k}" for command, cls in gen.COMMANDS
                for k, _, h in options_help(cls) if len(h) < 10]
     assert not missing, f"undocumented options: {missing}"
-    assert {command for command, _ in gen.COMMANDS} >= {"pretrain", "eval", "sample"}
+    assert {command for command, _ in gen.COMMANDS} >= {"pretrain", "eval", "sample", "study"}

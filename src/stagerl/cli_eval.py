@@ -37,7 +37,7 @@ class ModelChoice:
                                "default: the config saved with a run's checkpoint, else the "
                                "built-in defaults.")
     set: list[str] = _f([], "Dotted overrides of that config, e.g. sampling.temperature=0.9.",
-                        metavar="KEY=VALUE", empty_ok=True)
+                        metavar="KEY=VALUE", empty_ok=True, raw=True)
     cfg_scale: Optional[float] = _f(None, "Classifier-free guidance scale >= 0; default: the "
                                     "config's sampling.cfg_scale.", min=0.0)
     seed: Optional[int] = _f(None, "Seed of the prompts drawn and of sampling; default: the "
@@ -96,7 +96,7 @@ def _progress(enabled: bool = True) -> Callable[..., Any] | None:
 
 
 
-def _config_dirs() -> list[Path]:
+def config_dirs() -> list[Path]:
     """Where preset configs are looked up by name: ./configs, the installed package's configs/,
     and the source checkout's configs/."""
     package = Path(__file__).resolve().parent
@@ -104,7 +104,7 @@ def _config_dirs() -> list[Path]:
 
 
 def preset_names() -> list[str]:
-    names = {p.relative_to(d).with_suffix("").as_posix() for d in _config_dirs() if d.is_dir()
+    names = {p.relative_to(d).with_suffix("").as_posix() for d in config_dirs() if d.is_dir()
              for p in d.rglob("*.yaml") if "accelerate" not in p.parts}
     return sorted(names)
 
@@ -114,7 +114,7 @@ def find_config(name: str | None) -> str | None:
     if name is None or Path(name).is_file():
         return name
     stem = name[:-5] if name.endswith(".yaml") else name
-    for d in _config_dirs():
+    for d in config_dirs():
         if (d / f"{stem}.yaml").is_file():
             return str(d / f"{stem}.yaml")
     if Path(name).exists():

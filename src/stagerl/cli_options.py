@@ -40,8 +40,8 @@ def add_option_flags(parser: argparse.ArgumentParser, cls: type,
     ``key=value`` give the same error."""
     if positional:
         parser.add_argument(positional, nargs="*", metavar="FILE.yaml|KEY=VALUE",
-                            help="a YAML file of these options, then dotted overrides such as "
-                                 "prompts=48 (the flags below are the same fields)")
+                            help="a YAML file of these options, then key=value overrides of "
+                                 "them (the flags below are the same fields)")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli") is False:
@@ -91,12 +91,21 @@ def split_positional(items: list[str], cls: type,
     return path, overrides, rest
 
 
+def _split_commas(value: Any) -> Any:
+    """A list flag takes space- or comma-separated values: ``--rows a,b`` = ``--rows a b``
+    (except fields marked ``raw``, whose items are overrides that may hold commas)."""
+    if not isinstance(value, list):
+        return value
+    return [part for item in value for part in str(item).split(",") if part != ""]
+
+
 def options_from_args(cls: type, args: argparse.Namespace, items: list[str] | None = None,
                       check: Callable[[Any], None] | None = None) -> Any:
     """The command's options from its parsed flags and ``items`` (``[options.yaml] [key=value
     ...]``), loaded and checked like the training config."""
     path, overrides, _ = split_positional(list(items or []), cls)
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+    flags = {f.name: getattr(args, f.name) if f.metadata.get("raw")
+             else _split_commas(getattr(args, f.name)) for f in dataclasses.fields(cls)
              if getattr(args, f.name, None) is not None}
     labels = {name: flag(name) for name in flags}
     return load_options(cls, path, overrides, flags, labels, check)

@@ -1,138 +1,128 @@
-"""``stagerl study``'s options and their checks: the plan from the command line, then the study and
-its report (:mod:`stagerl.study`, :mod:`stagerl.study_figures`)."""
+"""``stagerl study``'s options (one typed dataclass, given as flags, an options YAML file and
+``key=value`` overrides like every command's) and their checks: the plan from the options, then the
+study and its report (:mod:`stagerl.study`, :mod:`stagerl.study_figures`)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from stagerl.config import load_config
+from stagerl.cli_eval import config_dirs
+from stagerl.cli_options import add_option_flags, flag, options_from_args
+from stagerl.config import FieldError, load_config
+from stagerl.config_schema import _f
 from stagerl.errors import UserError
 from stagerl.study import plan_jobs, run_study
 from stagerl.study_common import COMPARE_ROWS, CONDITIONS, MAIN, ROWS, StudyPlan, StudySummary
 from stagerl.study_figures import write_report
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") \
-            from None
-    if any(not (math.isfinite(v) and v > 0) for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
+@dataclass
+class StudyOptions:
+    """``stagerl study``'s options (docs/study.md): what to train, how to compare, where to write."""
 
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(t) for t in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected I/N, e.g. 0/2, got {text!r}") from None
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"expected 0 <= I < N, got {text!r}")
-    return i, n
+    quick: bool = _f(False, "Short variant (<= 10 min on 2 cores): 12 steps, P=4, small evals.")
+    seeds: int = _f(3, "Seeds per row.", min=1)
+    out: str = _f("runs/study", "Runs and evaluations go here.")
+    docs: str = _f("docs", "results.md and its figures go here.")
+    prefix: str = _f("results", "File names in docs: <prefix>.md and <prefix>_*.png.")
+    rows: list[str] = _f(list(ROWS), "Ablation rows to train (docs/study.md).")
+    steps: Optional[int] = _f(None, "Training steps of every run (default: 80; 12 with quick).",
+                              min=1)
+    model: str = _f("builtin:shapes", "Base model directory.")
+    configs: str = _f("configs/ablations", "Folder with one <row>.yaml per ablation row.")
+    eval_prompts: Optional[int] = _f(None, "Prompts per suite (default: 96; 48 with quick).", min=1)
+    eval_images: Optional[int] = _f(None, "Images per prompt (default: 4; 2 with quick).", min=1)
+    conditions: list[str] = _f([], f"Extra settings ({', '.join(CONDITIONS)}) or all; each "
+                               f"retrains the compare_rows once more per seed.", empty_ok=True)
+    condition_seeds: Optional[int] = _f(None, "Seeds per condition run, at most seeds "
+                                        "(default: seeds).", min=1)
+    compare_rows: list[str] = _f(list(COMPARE_ROWS), "Rows the conditions and the lr sweep "
+                                 "retrain.")
+    lr_sweep: list[float] = _f([], "Learning-rate multiples besides 1, e.g. 0.5 2 4: each retrains "
+                               "the compare_rows in every sweep_in setting.", empty_ok=True)
+    sweep_in: list[str] = _f([MAIN], f"Settings the sweep runs in: '{MAIN}' and/or conditions.")
+    sweep_seeds: Optional[int] = _f(None, "Seeds per sweep run, at most seeds (default: seeds).",
+                                    min=1)
+    sweep_steps: Optional[int] = _f(None, "Steps of every sweep run, x1 included (default: steps; "
+                                    "the x1 runs are then the main runs).", min=1)
+    curve_points: Optional[int] = _f(None, "Held-out evaluations during training, 0 = none "
+                                     "(default: 7; 2 with quick).", min=0)
+    curve_prompts: Optional[int] = _f(None, "Prompts of each in-training evaluation, at most "
+                                      "eval_prompts (default: 96; 24 with quick).", min=1)
+    jobs: int = _f(1, "Runs trained at once, one process and one thread each.", min=1)
+    shard: Optional[str] = _f(None, "I/N: do only every N-th run from the I-th, write no report; "
+                              "a later invocation without shard reuses the runs.")
+    set: list[str] = _f([], "Config overrides for every run, e.g. algo.beta=0.01.",
+                        metavar="KEY=VALUE", empty_ok=True, raw=True)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    from stagerl.preflight import int_arg
-
-    parser.add_argument("--quick", action="store_true",
-                        help="short variant (<= 10 min on 2 cores): 12 steps, P=4, small evals")
-    parser.add_argument("--seeds", type=int_arg(1), default=3,
-                        help="seeds per row (default: %(default)s)")
-    parser.add_argument("--out", default="runs/study",
-                        help="runs and evaluations go here (default: %(default)s)")
-    parser.add_argument("--docs", default="docs",
-                        help="results.md and its figures go here (default: %(default)s)")
-    parser.add_argument("--prefix", default="results",
-                        help="file names in --docs: <prefix>.md and <prefix>_*.png (default: "
-                             "%(default)s)")
-    parser.add_argument("--rows", default=",".join(ROWS),
-                        help="comma list of ablation rows (default: all five)")
-    parser.add_argument("--steps", type=int_arg(1), default=None,
-                        help="training steps of every run (default: 80; 12 with --quick)")
-    parser.add_argument("--model", default="builtin:shapes",
-                        help="base model directory (default: %(default)s)")
-    parser.add_argument("--configs", default="configs/ablations",
-                        help="folder with one <row>.yaml per ablation row (default: %(default)s)")
-    parser.add_argument("--eval-prompts", type=int_arg(1), default=None,
-                        help="prompts per suite (default: 96; 48 with --quick)")
-    parser.add_argument("--eval-images", type=int_arg(1), default=None,
-                        help="images per prompt (default: 4; 2 with --quick)")
-    parser.add_argument("--conditions", default="",
-                        help=f"comma list of extra settings ({', '.join(CONDITIONS)}) or 'all'; "
-                             f"each retrains the --compare-rows once more per seed (default: none)")
-    parser.add_argument("--condition-seeds", type=int_arg(1), default=None,
-                        help="seeds per condition run, at most --seeds (default: --seeds)")
-    parser.add_argument("--compare-rows", default=",".join(COMPARE_ROWS),
-                        help="rows the conditions and the lr sweep retrain (default: "
-                             "%(default)s)")
-    parser.add_argument("--lr-sweep", type=_floats, default=None,
-                        help="comma list of learning-rate multiples besides 1, e.g. 0.5,2,4: "
-                             "each retrains the --compare-rows in every --sweep-in setting "
-                             "(default: none)")
-    parser.add_argument("--sweep-in", default=MAIN,
-                        help=f"comma list of settings the sweep runs in: '{MAIN}' and/or "
-                             f"conditions (default: %(default)s)")
-    parser.add_argument("--sweep-seeds", type=int_arg(1), default=None,
-                        help="seeds per sweep run, at most --seeds (default: --seeds)")
-    parser.add_argument("--sweep-steps", type=int_arg(1), default=None,
-                        help="steps of every sweep run, x1 included (default: --steps; the x1 "
-                             "runs are then the main runs)")
-    parser.add_argument("--curve-points", type=int_arg(0), default=None,
-                        help="held-out evaluations during training, 0 = none (default: 7; 2 with "
-                             "--quick)")
-    parser.add_argument("--curve-prompts", type=int_arg(1), default=None,
-                        help="prompts of each in-training evaluation, at most --eval-prompts "
-                             "(default: 96; 24 with --quick)")
-    parser.add_argument("--jobs", type=int_arg(1), default=1,
-                        help="runs trained at once, one process and one thread each (default: "
-                             "%(default)s)")
-    parser.add_argument("--shard", type=_shard, default=None,
-                        help="I/N: do only every N-th run from the I-th, write no report; a later "
-                             "invocation without --shard reuses the runs (default: all runs)")
-    parser.add_argument("--set", nargs="*", default=[],
-                        help="config overrides for every run (default: none)")
+    add_option_flags(parser, StudyOptions)
 
 
-def plan_from_args(args: argparse.Namespace) -> StudyPlan:
-    """The plan of the parsed options, checked before any work (:func:`check_plan`)."""
-    plan = StudyPlan.quick() if args.quick else StudyPlan()
-    plan.seeds = list(range(args.seeds))
-    plan.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    plan.compare_rows = [r.strip() for r in args.compare_rows.split(",") if r.strip()]
-    plan.model, plan.config_dir = args.model, args.configs
-    plan.overrides = plan.overrides + list(args.set or [])
-    if args.steps is not None:
-        plan.steps = args.steps
-    if args.eval_prompts is not None:
-        plan.eval_prompts = args.eval_prompts
-    if args.eval_images is not None:
-        plan.eval_images = args.eval_images
-    if args.curve_points is not None:
-        plan.curve_points = args.curve_points
-    if args.curve_prompts is not None:
-        plan.curve_prompts = args.curve_prompts
+def _shard(opts: StudyOptions) -> tuple[int, int] | None:
+    if opts.shard is None:
+        return None
+    try:
+        i, n = (int(t) for t in opts.shard.split("/"))
+    except ValueError:
+        raise UserError(f"--shard: expected I/N, e.g. 0/2, got {opts.shard!r}") from None
+    if not 0 <= i < n:
+        raise UserError(f"--shard: expected 0 <= I < N, got {opts.shard!r}")
+    return i, n
+
+
+def _check_options(opts: StudyOptions) -> None:
+    bad = [m for m in opts.lr_sweep if not (math.isfinite(m) and m > 0)]
+    if bad:
+        raise FieldError("lr_sweep", f"expected positive numbers, got {opts.lr_sweep}")
+
+
+def options(args: argparse.Namespace) -> StudyOptions:
+    """The parsed command line as typed options (flags, an options file, key=value overrides)."""
+    return options_from_args(StudyOptions, args, getattr(args, "options", []), _check_options)
+
+
+def _configs_dir(path: str) -> str:
+    """A row-config folder as given, or, when a relative one is not found from here, the same
+    folder among the shipped presets (so the default works outside a source checkout)."""
+    p = Path(path)
+    if p.is_dir() or p.is_absolute():
+        return path
+    rel = Path(*p.parts[1:]) if p.parts[:1] == ("configs",) else p
+    found = next((d / rel for d in config_dirs() if (d / rel).is_dir()), None)
+    return str(found) if found is not None else path
+
+
+def plan_from_options(opts: StudyOptions) -> StudyPlan:
+    """The plan of the options, checked before any work (:func:`check_plan`)."""
+    plan = StudyPlan.quick() if opts.quick else StudyPlan()
+    plan.seeds = list(range(opts.seeds))
+    plan.rows, plan.compare_rows = list(opts.rows), list(opts.compare_rows)
+    plan.model, plan.config_dir = opts.model, _configs_dir(opts.configs)
+    plan.overrides = plan.overrides + list(opts.set)
+    for name in ("steps", "eval_prompts", "eval_images", "curve_points", "curve_prompts",
+                 "sweep_steps"):
+        if getattr(opts, name) is not None:
+            setattr(plan, name, getattr(opts, name))
     plan.curve_prompts = min(plan.curve_prompts, plan.eval_prompts)
-    conds = [c.strip() for c in args.conditions.split(",") if c.strip()]
-    plan.conditions = list(CONDITIONS) if conds == ["all"] else conds
-    plan.condition_seeds = args.condition_seeds or args.seeds
-    plan.lr_sweep = [m for m in (args.lr_sweep or []) if m != 1.0]
-    plan.sweep_in = [s.strip() for s in args.sweep_in.split(",") if s.strip()] \
-        if plan.lr_sweep else []
-    plan.sweep_seeds = args.sweep_seeds or args.seeds
-    if args.sweep_steps is not None:
-        plan.sweep_steps = args.sweep_steps
-    check_plan(plan, args)
+    plan.conditions = list(CONDITIONS) if opts.conditions == ["all"] else list(opts.conditions)
+    plan.condition_seeds = opts.condition_seeds or opts.seeds
+    plan.lr_sweep = [m for m in opts.lr_sweep if m != 1.0]
+    plan.sweep_in = list(opts.sweep_in) if plan.lr_sweep else []
+    plan.sweep_seeds = opts.sweep_seeds or opts.seeds
+    check_plan(plan, opts)
     return plan
 
 
-def check_plan(plan: StudyPlan, args: argparse.Namespace) -> None:
+def check_plan(plan: StudyPlan, args: StudyOptions) -> None:
     """Rows, conditions, seeds, folders, the base model and the overrides, before any work."""
     from stagerl.preflight import check_model_path, check_output_dir
 
@@ -164,37 +154,34 @@ def check_plan(plan: StudyPlan, args: argparse.Namespace) -> None:
     plan_jobs(plan)  # a sweep in a condition that cannot be swept fails now
 
 
-def command_line(args: argparse.Namespace) -> str:
-    """The ``stagerl study`` invocation that reproduces ``args`` (for the results header)."""
-    defaults = vars(_defaults())
-    parts = ["stagerl study"] + (["--quick"] if args.quick else []) + [f"--seeds {args.seeds}"]
-    for key, value in vars(args).items():
-        if key in ("quick", "seeds", "fn", "_module", "command", "verbose", "jobs", "shard") \
-                or key not in defaults:
+def command_line(opts: StudyOptions) -> str:
+    """The ``stagerl study`` invocation that reproduces ``opts`` (for the results header)."""
+    parts = ["stagerl study"] + (["--quick"] if opts.quick else []) + [f"--seeds {opts.seeds}"]
+    for f in dataclasses.fields(StudyOptions):
+        value = getattr(opts, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+            else f.default  # type: ignore[misc]
+        if f.name in ("quick", "seeds", "jobs", "shard") or value == default \
+                or value in (None, [], ""):
             continue
-        if value != defaults[key] and value not in (None, [], ""):
-            flag = "--" + key.replace("_", "-")
-            text = " ".join(value) if key == "set" else \
-                ",".join(f"{v:g}" for v in value) if isinstance(value, list) else str(value)
-            parts.append(f"{flag} {text}")
+        text = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
+            if isinstance(value, list) else str(value)
+        parts.append(f"{flag(f.name)} {text}")
     return " ".join(parts)
-
-
-def _defaults() -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_cli_args(parser)
-    return parser.parse_args([])
 
 
 def run_from_args(args: argparse.Namespace,
                   progress: Callable[[str], None]) -> tuple[StudySummary, list[Path]]:
-    """Run the study from parsed CLI args and write the report (not with ``--shard``); returns
-    (summary, written paths). ``stagerl study`` in cli.py reports progress and the result."""
-    plan = plan_from_args(args)
+    """Run the study from the parsed command line and write the report (not with ``shard``);
+    returns (summary, written paths). ``stagerl study`` in cli.py reports progress and the
+    result."""
+    opts = options(args)
+    plan = plan_from_options(opts)
+    shard = _shard(opts)
     torch.set_num_threads(1)  # one thread per process on the shared 2 cores
-    summary = run_study(plan, args.out, progress=progress, jobs=args.jobs, shard=args.shard)
-    if args.shard is not None:
+    summary = run_study(plan, opts.out, progress=progress, jobs=opts.jobs, shard=shard)
+    if shard is not None:
         return summary, []
-    paths = write_report(summary, args.docs, args.out, command=command_line(args),
-                         prefix=args.prefix)
+    paths = write_report(summary, opts.docs, opts.out, command=command_line(opts),
+                         prefix=opts.prefix)
     return summary, paths
