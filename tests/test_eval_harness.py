@@ -176,6 +176,8 @@ def test_shapes_eval_is_typed_and_keeps_its_images(policy):
     assert len(res.images) == len(res.items) == 4 and all(len(ims) == 2 for ims in res.images)
     assert res.to_dict() == evaluate_shapes(policy, "heldout", 4, 2, 2.0, 11, top_k=3)
     assert "images" not in res.to_dict()
+    back = ShapesEval.from_dict(json.loads(json.dumps(res.to_dict())))  # as a run folder stores it
+    assert back == res and back.images == [] and back.strict["overall"] == res.strict["overall"]
 
 
 def test_cli_eval_and_in_run_eval_keep_the_configured_sampling(monkeypatch, tmp_path, policy):

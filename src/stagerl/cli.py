@@ -133,18 +133,18 @@ def _remove_unused(created: list[Path]) -> None:
 def _print_train_result(result: Any, plots: list[Path]) -> None:
     from stagerl.eval import format_table
 
+    before, after = result.eval_before, result.eval_after
     rows = {}
-    if result.eval_before:
-        rows["base (before)"] = result.eval_before["strict"]
-    if result.eval_after:
-        rows["trained"] = result.eval_after["strict"]
+    if before:
+        rows["base (before)"] = before.strict
+    if after:
+        rows["trained"] = after.strict
     if rows:
-        suite = (result.eval_after or result.eval_before)
-        print(format_table(rows, f"Held-out strict accuracy ({suite['suite']}, {suite['prompts']} "
-                                 f"prompts x {suite['images_per_prompt']} images)"))
-        if result.eval_before and result.eval_after:
-            d = result.eval_after["strict"]["overall"] - result.eval_before["strict"]["overall"]
-            print(f"overall change: {d:+.3f}")
+        ev = after or before
+        print(format_table(rows, f"Held-out strict accuracy ({ev.suite}, {ev.prompts} "
+                                 f"prompts x {ev.images_per_prompt} images)"))
+        if before and after:
+            print(f"overall change: {after.strict['overall'] - before.strict['overall']:+.3f}")
     print(f"finished {result.steps} steps in {result.seconds / 60:.1f} min "
           f"({result.skipped} skipped)")
     print(f"run directory: {result.run_dir}")

@@ -215,9 +215,16 @@ class ShapesEval:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the prompts and images: what results.json and run folders store."""
-        return {k: getattr(self, k) for k in (
-            "suite", "prompts", "images_per_prompt", "cfg_scale", "temperature", "top_k", "top_p",
-            "seed", "strict", "lenient", "partial")}
+        return {k: getattr(self, k) for k in _STORED}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ShapesEval":
+        """A stored evaluation (:meth:`to_dict`), without its prompts and images."""
+        return cls(**{k: d[k] for k in _STORED}, items=[], images=[])
+
+
+_STORED = ("suite", "prompts", "images_per_prompt", "cfg_scale", "temperature", "top_k", "top_p",
+           "seed", "strict", "lenient", "partial")
 
 
 def evaluate_suite(policy: Policy, suite: str, n_prompts: int, images_per_prompt: int,

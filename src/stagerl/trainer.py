@@ -25,7 +25,7 @@ from stagerl.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint
 from stagerl.config import Config, needs_reference, to_yaml
 from stagerl.data import build_source, mix_seed
 from stagerl.errors import UserError
-from stagerl.eval import evaluate_suite
+from stagerl.eval import ShapesEval, evaluate_suite
 from stagerl.policies import build_policy
 from stagerl.policies.base import Policy, SamplingParams
 from stagerl.rewards.base import RewardSet
@@ -44,8 +44,8 @@ class TrainResult:
     run_dir: Path
     steps: int
     skipped: int
-    eval_before: dict[str, Any] | None
-    eval_after: dict[str, Any] | None
+    eval_before: ShapesEval | None  # held-out evaluation before training (without its images
+    eval_after: ShapesEval | None  # when read back from a resumed run's folder)
     seconds: float
     policy: Policy | None = None  # the trained (unwrapped) policy, for programmatic use
     model: Any = None  # the engine's module (DDP/DeepSpeed wrapper, FSDP2-sharded policy)
@@ -320,7 +320,7 @@ def _log_grid(tracker: Tracker, ro: Rollout, step: int, G: int) -> None:
 
 
 def _evaluate(cfg: Config, policy: Policy, accelerator: Any, tracker: Tracker, step: int,
-              tag: str, progress: Any = None) -> dict[str, Any] | None:
+              tag: str, progress: Any = None) -> ShapesEval | None:
     """Held-out shapes evaluation (strict GenEval rules) on the main process, with the run's
     sampling settings and ``log.eval_seed`` (docs/design.md §13: the one shapes evaluation)."""
     if cfg.log.eval_prompts == 0 or not cfg.data.source.startswith("shapes:"):
@@ -330,20 +330,20 @@ def _evaluate(cfg: Config, policy: Policy, accelerator: Any, tracker: Tracker, s
         result = evaluate_suite(policy, cfg.log.eval_suite, cfg.log.eval_prompts,
                                 cfg.log.eval_images_per_prompt,
                                 SamplingParams.from_config(cfg.sampling), cfg.log.eval_seed,
-                                progress=progress).to_dict()
-        tracker.log(step, {f"eval/{k}": v for k, v in result["strict"].items()})
-        (tracker.run_dir / f"eval_{tag}.json").write_text(json.dumps(result, indent=1))
+                                progress=progress)
+        tracker.log(step, {f"eval/{k}": v for k, v in result.strict.items()})
+        (tracker.run_dir / f"eval_{tag}.json").write_text(json.dumps(result.to_dict(), indent=1))
     accelerator.wait_for_everyone()
     return result
 
 
-def _read_eval(run_dir: Path, tag: str) -> dict[str, Any] | None:
+def _read_eval(run_dir: Path, tag: str) -> ShapesEval | None:
     """A saved evaluation of a resumed run; None (with a warning) when missing or cut short."""
     p = run_dir / f"eval_{tag}.json"
     if not p.is_file():
         return None
     try:
-        return json.loads(p.read_text())
-    except (ValueError, OSError) as err:
+        return ShapesEval.from_dict(json.loads(p.read_text()))
+    except (ValueError, OSError, KeyError, TypeError) as err:
         log.warning("ignoring %s: not readable JSON (%s)", p, err)
         return None
