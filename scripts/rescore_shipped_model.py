@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from stagerl.policies.tiny import TinyPolicy, shipped_model_dir
-from stagerl.pretrain import PretrainConfig, evaluate_recipe, model_card, write_check
+from stagerl.pretrain import PretrainResult, evaluate_recipe, model_card, write_check
 
 NOTES = "## Notes on the shipped run"
 
@@ -35,24 +35,22 @@ def main() -> None:
     if out != src:
         shutil.copytree(src, out, dirs_exist_ok=True)
     torch.set_num_threads(1)
-    result = json.loads((src / "pretrain_results.json").read_text())
+    result = PretrainResult.from_dict(json.loads((src / "pretrain_results.json").read_text()))
     card = (src / "MODEL_CARD.md").read_text()
     command = re.search(r"- Command: `([^`]*)`", card).group(1)
     notes = card[card.index(NOTES):] if NOTES in card else ""
     model = TinyPolicy.from_pretrained(src).eval()
     t0 = time.perf_counter()
-    result["evals"] = evaluate_recipe(model, PretrainConfig(**result["config"]))
-    check = write_check(model, result, out)
+    result.evals = evaluate_recipe(model, result.config)
+    result.check = write_check(model, result, out)
     print(f"evaluated in {time.perf_counter() - t0:.0f} s")
-    result["check"] = {k: check[k] for k in ("prompts", "images_per_prompt", "cfg_scale", "seed",
-                                             "strict")}
-    (out / "pretrain_results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "pretrain_results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     (out / "MODEL_CARD.md").write_text(model_card(result, command) + ("\n" + notes if notes else ""))
-    for ev in result["evals"]:
-        print(f"CFG {ev['cfg_scale']}: strict overall {ev['strict']['overall']:.3f}, "
-              f"partial {ev['partial']:.3f}")
-    print(f"check ({check['prompts']} prompts): strict overall {check['strict']['overall']:.3f}")
-
+    for ev in result.evals:
+        print(f"CFG {ev.cfg_scale}: strict overall {ev.strict['overall']:.3f}, "
+              f"partial {ev.partial:.3f}")
+    print(f"check ({result.check.prompts} prompts): strict overall "
+          f"{result.check.strict['overall']:.3f}")
 
 if __name__ == "__main__":
     main()

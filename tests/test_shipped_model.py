@@ -13,8 +13,8 @@ from stagerl.eval import evaluate_suite
 from stagerl.policies import build_policy
 from stagerl.policies.base import SamplingParams
 from stagerl.policies.tiny import TinyPolicy, shipped_model_dir
-from stagerl.pretrain import (PretrainConfig, best_cfg_scale, format_table, pretrain,
-                              random_policy)
+from stagerl.pretrain import (PretrainConfig, PretrainResult, best_cfg_scale, format_table,
+                              pretrain, random_policy)
 from stagerl.worlds.shapes.spec import WorldSpec
 
 ASSETS = shipped_model_dir()
@@ -28,8 +28,9 @@ def shipped() -> TinyPolicy:
 
 
 @pytest.fixture(scope="module")
-def card() -> dict:
-    return json.loads((ASSETS / "pretrain_results.json").read_text())
+def card() -> PretrainResult:
+    return PretrainResult.from_dict(json.loads((ASSETS / "pretrain_results.json").read_text()),
+                                    json.loads((ASSETS / "eval_check.json").read_text()))
 
 
 def test_shipped_files_are_package_data_and_small() -> None:
@@ -42,8 +43,8 @@ def test_shipped_files_are_package_data_and_small() -> None:
 
 def test_card_is_in_the_band_and_matches_its_markdown(card) -> None:
     scale = best_cfg_scale(card)
-    full = next(ev for ev in card["evals"] if ev["cfg_scale"] == scale)
-    strict = full["strict"]
+    full = next(ev for ev in card.evals if ev.cfg_scale == scale)
+    strict = full.strict
     # Target band: strict overall 0.30-0.65 on held-out prompts; the hard categories clearly below
     # single object, so RL has room to improve.
     assert 0.30 <= strict["overall"] <= 0.65
@@ -57,8 +58,9 @@ def test_shipped_model_reproduces_its_card(shipped, card) -> None:
     """The card's quick check through the one shapes evaluation (stagerl.eval.evaluate_suite, as
     `stagerl eval` runs it). Its prompts are the first chunks of the card's full table, so the
     check's images are exactly those prompts' images there."""
-    check = json.loads((ASSETS / "eval_check.json").read_text())
-    assert check == {**check, **{k: card["check"][k] for k in card["check"]}}
+    stored = json.loads((ASSETS / "pretrain_results.json").read_text())["check"]
+    check = card.check.to_dict()
+    assert check == {**check, **stored}  # the results file's summary is the check's
     res = evaluate_suite(shipped, check["suite"], check["prompts"], check["images_per_prompt"],
                          SamplingParams(cfg_scale=check["cfg_scale"]), check["seed"])
     # Same prompts, same seeds, same code: only float rounding across machines or thread counts
@@ -68,9 +70,9 @@ def test_shipped_model_reproduces_its_card(shipped, card) -> None:
             assert abs(getattr(res, key)[tag] - want) <= 0.03, (key, tag, getattr(res, key), want)
     assert abs(res.partial - check["partial"]) <= 0.01
     # The check's 256 images are a subset of the full table's 960: within sampling error of it.
-    full = next(ev for ev in card["evals"] if ev["cfg_scale"] == check["cfg_scale"])
-    assert full["seed"] == check["seed"] and full["suite"] == check["suite"]
-    assert abs(res.strict["overall"] - full["strict"]["overall"]) <= 0.10
+    full = next(ev for ev in card.evals if ev.cfg_scale == check["cfg_scale"])
+    assert full.seed == check["seed"] and full.suite == check["suite"]
+    assert abs(res.strict["overall"] - full.strict["overall"]) <= 0.10
 
 
 def test_random_init_model_scores_about_zero_strict(shipped) -> None:
@@ -85,8 +87,11 @@ def test_pretrain_recipe_smoke(tmp_path) -> None:
                          progress=False)
     first = tmp_path / "a"
     result = pretrain(cfg, first)
-    assert np.isfinite(result["final_loss"]) and len(result["evals"]) == 2
-    assert set(result["evals"][0]["strict"]) >= {"overall", "single_object"}
+    assert np.isfinite(result.final_loss) and len(result.evals) == 2
+    assert set(result.evals[0].strict) >= {"overall", "single_object"}
+    stored = json.loads((first / "pretrain_results.json").read_text())
+    check = json.loads((first / "eval_check.json").read_text())
+    assert PretrainResult.from_dict(stored, check).to_dict() == stored  # the files are the result
     model = TinyPolicy.from_pretrained(first)
     assert model.grid == (8, 8) and model.config.d_model == cfg.d_model
     # the same seed gives the same weights

@@ -181,11 +181,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     result = pretrain(opts.recipe(), opts.out)
     command = shlex.join(["stagerl", *sys.argv[1:]])  # as typed, for the model card
     (Path(opts.out) / "MODEL_CARD.md").write_text(model_card(result, command))
-    print(f"saved to {opts.out}  ({result['total_seconds']:.0f}s, {result['threads']} threads, "
-          f"final loss {result['final_loss']:.3f})")
-    for ev in result["evals"]:
-        print(f"\nsuite {ev['suite']}, {ev['prompts']} prompts x "
-              f"{ev['images_per_prompt']} images, CFG {ev['cfg_scale']}:")
+    print(f"saved to {opts.out}  ({result.total_seconds:.0f}s, {result.threads} threads, "
+          f"final loss {result.final_loss:.3f})")
+    for ev in result.evals:
+        print(f"\nsuite {ev.suite}, {ev.prompts} prompts x {ev.images_per_prompt} images, "
+              f"CFG {ev.cfg_scale}:")
         print(pretrain_table(ev))
     return 0
 

@@ -20,6 +20,7 @@ from stagerl.cli_options import add_option_flags, options_from_args, split_posit
 from stagerl.config import load_options
 from stagerl.config_schema import _f
 from stagerl.errors import UserError
+from stagerl.policies.base import Policy
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ def _build_eval_policy(cfg: Any, weights: Path | None) -> Any:
     return policy
 
 
-def _load_weights(policy: Any, path: Path) -> None:
+def _load_weights(policy: Policy, path: Path) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stagerl.eval import CHUNK_PROMPTS, EVAL_SEED, evaluate_suite
+from stagerl.eval import CHUNK_PROMPTS, EVAL_SEED, ShapesEval, evaluate_suite
 from stagerl.policies.base import PromptInputs, SamplingParams
 from stagerl.policies.tiny import PromptVocab, TinyConfig, TinyPolicy
 from stagerl.worlds.shapes.prompts import generate, prompt_vocabulary
@@ -189,20 +189,20 @@ def train(model: TinyPolicy, inputs: PromptInputs, tokens: torch.Tensor,
 
 
 def evaluate_recipe(model: TinyPolicy, cfg: PretrainConfig,
-                    n_prompts: int | None = None) -> list[dict[str, Any]]:
-    """The recipe's held-out evaluation, one :class:`stagerl.eval.ShapesEval` dict per CFG scale:
+                    n_prompts: int | None = None) -> list[ShapesEval]:
+    """The recipe's held-out evaluation, one :class:`stagerl.eval.ShapesEval` per CFG scale:
     the first ``n_prompts`` (default ``cfg.eval_prompts``) prompts of the heldout suite, exactly as
     ``stagerl eval --cfg-scale S --seed <eval_seed>`` draws and scores them."""
     n = cfg.eval_prompts if n_prompts is None else n_prompts
     return [evaluate_suite(model, "heldout", n, cfg.eval_images_per_prompt,
-                           SamplingParams(cfg_scale=s), cfg.eval_seed).to_dict()
+                           SamplingParams(cfg_scale=s), cfg.eval_seed)
             for s in cfg.eval_cfg_scales]
 
 
-def format_table(result: dict[str, Any]) -> str:
+def format_table(result: ShapesEval) -> str:
     """A Markdown table: one row per category, strict and lenient accuracy."""
-    strict, lenient = result["strict"], result["lenient"]
-    rows = [f"| category | strict | lenient |", "|---|---|---|"]
+    strict, lenient = result.strict, result.lenient
+    rows = ["| category | strict | lenient |", "|---|---|---|"]
     for tag in list(k for k in strict if k != "overall") + ["overall"]:
         rows.append(f"| {tag} | {strict[tag]:.3f} | {lenient.get(tag, float('nan')):.3f} |")
     return "\n".join(rows)
@@ -212,12 +212,51 @@ def format_table(result: dict[str, Any]) -> str:
 # The whole recipe
 
 
-def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None,
-             spec: WorldSpec | None = None) -> dict[str, Any]:
-    """Data -> tokenizer -> model -> EMA -> evaluation; saves to ``out_dir`` when given.
+@dataclass
+class PretrainResult:
+    """What the recipe measured; ``pretrain_results.json`` is :meth:`to_dict`."""
 
-    Returns a results dict: timings, final loss, and one evaluation per CFG scale.
-    """
+    config: PretrainConfig
+    params: int
+    codebook_used: float  # fraction of the codebook the train renders use
+    data_seconds: float
+    train_seconds: float
+    total_seconds: float
+    threads: int
+    final_loss: float  # mean of the last 50 steps
+    evals: list[ShapesEval]  # one per CFG scale
+    check: ShapesEval | None = None  # eval_check.json: the quick reproduction of the card
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"config": dataclasses.asdict(self.config), "params": self.params,
+                             "codebook_used": self.codebook_used,
+                             "data_seconds": self.data_seconds,
+                             "train_seconds": self.train_seconds,
+                             "total_seconds": self.total_seconds, "threads": self.threads,
+                             "final_loss": self.final_loss,
+                             "evals": [ev.to_dict() for ev in self.evals]}
+        if self.check is not None:
+            d["check"] = {k: getattr(self.check, k) for k in _CHECK_KEYS}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], check: dict[str, Any] | None = None
+                  ) -> "PretrainResult":
+        """A stored result; ``check`` is the full eval_check.json (the results file keeps only
+        a summary of it)."""
+        return cls(PretrainConfig(**d["config"]), d["params"], d["codebook_used"],
+                   d["data_seconds"], d["train_seconds"], d["total_seconds"], d["threads"],
+                   d["final_loss"], [ShapesEval.from_dict(ev) for ev in d["evals"]],
+                   ShapesEval.from_dict(check) if check is not None else None)
+
+
+_CHECK_KEYS = ("prompts", "images_per_prompt", "cfg_scale", "seed", "strict")
+
+
+def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None,
+             spec: WorldSpec | None = None) -> PretrainResult:
+    """Data -> tokenizer -> model -> EMA -> evaluation; saves to ``out_dir`` when given (the
+    weights, eval_check.json and pretrain_results.json)."""
     spec = spec or WorldSpec()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -231,41 +270,39 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None,
     ema, losses = train(model, inputs, tokens, cfg)
     t_train = time.perf_counter() - t0 - t_data
     evals = evaluate_recipe(ema, cfg)
-    result = {"config": dataclasses.asdict(cfg), "params": sum(p.numel() for p in ema.parameters()),
-              "codebook_used": model.tokenizer.usage(tokens), "data_seconds": t_data,
-              "train_seconds": t_train, "total_seconds": time.perf_counter() - t0,
-              "threads": torch.get_num_threads(), "final_loss": float(np.mean(losses[-50:])),
-              "evals": evals}
+    result = PretrainResult(cfg, sum(p.numel() for p in ema.parameters()),
+                            model.tokenizer.usage(tokens), t_data, t_train,
+                            time.perf_counter() - t0, torch.get_num_threads(),
+                            float(np.mean(losses[-50:])), evals)
     if out_dir is not None:
         ema.save_pretrained(out_dir)
-        check = write_check(ema, result, out_dir)
-        result["check"] = {k: check[k] for k in ("prompts", "images_per_prompt", "cfg_scale",
-                                                 "seed", "strict")}
-        (Path(out_dir) / "pretrain_results.json").write_text(json.dumps(result, indent=2) + "\n")
+        result.check = write_check(ema, result, out_dir)
+        (Path(out_dir) / "pretrain_results.json").write_text(
+            json.dumps(result.to_dict(), indent=2) + "\n")
     return result
 
 
-def write_check(model: TinyPolicy, result: dict[str, Any], out_dir: str | Path,
-                prompts: int = 2 * CHUNK_PROMPTS) -> dict[str, Any]:
+def write_check(model: TinyPolicy, result: PretrainResult, out_dir: str | Path,
+                prompts: int = 2 * CHUNK_PROMPTS) -> ShapesEval:
     """Score the first ``prompts`` eval prompts at the best CFG scale and save it as
     eval_check.json: the reference tests/test_shipped_model.py reproduces in seconds. A multiple
     of the evaluation's chunk size, so its images are exactly those prompts' images in the full
     table."""
-    cfg = PretrainConfig(**{**result["config"], "eval_cfg_scales": [best_cfg_scale(result)]})
+    cfg = dataclasses.replace(result.config, eval_cfg_scales=[best_cfg_scale(result)])
     check = evaluate_recipe(model, cfg, min(prompts, cfg.eval_prompts))[0]
-    (Path(out_dir) / "eval_check.json").write_text(json.dumps(check, indent=2) + "\n")
+    (Path(out_dir) / "eval_check.json").write_text(json.dumps(check.to_dict(), indent=2) + "\n")
     return check
 
 
-def best_cfg_scale(result: dict[str, Any]) -> float:
+def best_cfg_scale(result: PretrainResult) -> float:
     """The evaluated CFG scale with the highest strict overall accuracy (ties: the smaller)."""
-    best = max(result["evals"], key=lambda ev: (ev["strict"]["overall"], -ev["cfg_scale"]))
-    return float(best["cfg_scale"])
+    best = max(result.evals, key=lambda ev: (ev.strict["overall"], -ev.cfg_scale))
+    return float(best.cfg_scale)
 
 
-def model_card(result: dict[str, Any], command: str) -> str:
+def model_card(result: PretrainResult, command: str) -> str:
     """A short Markdown model card: how the model was made and how it scores."""
-    cfg = result["config"]
+    cfg = dataclasses.asdict(result.config)
     lines = [
         "# Shapes-world base model (stagerl tiny policy)", "",
         "A LlamaGen-style decoder-only transformer over 4x4-pixel patch codes of the shapes world, "
@@ -277,13 +314,13 @@ def model_card(result: dict[str, Any], command: str) -> str:
         f"{cfg['lr']} (warmup {cfg['warmup_steps']}, cosine to 10 %), prompt dropout "
         f"{cfg['prompt_dropout']}, EMA {cfg['ema_decay']} (the EMA weights are shipped).",
         f"- Data: {cfg['train_examples']} renders of the world's `train` split; tokenizer codebook "
-        f"{cfg['codebook_size']} max, patch {cfg['patch']}, {result['codebook_used']:.0%} used.",
+        f"{cfg['codebook_size']} max, patch {cfg['patch']}, {result.codebook_used:.0%} used.",
         f"- Model: d={cfg['d_model']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
-        f"{result['params']:,} parameters; final train loss {result['final_loss']:.3f}.",
-        f"- Wall time: {result['total_seconds']:.0f} s total ({result['train_seconds']:.0f} s "
-        f"training) with {result['threads']} torch thread(s), on a shared 2-core CPU.", "",
+        f"{result.params:,} parameters; final train loss {result.final_loss:.3f}.",
+        f"- Wall time: {result.total_seconds:.0f} s total ({result.train_seconds:.0f} s "
+        f"training) with {result.threads} torch thread(s), on a shared 2-core CPU.", "",
         "## Evaluation protocol",
-        f"- Suite `{result['evals'][0]['suite']}` (the `test` split: held-out seed stream, "
+        f"- Suite `{result.evals[0].suite}` (the `test` split: held-out seed stream, "
         "in-distribution templates), "
         f"the first {cfg['eval_prompts']} prompts of seed {cfg['eval_seed']} (categories cycle, so "
         f"{cfg['eval_prompts'] // 6} per category), {cfg['eval_images_per_prompt']} images per "
@@ -295,13 +332,13 @@ def model_card(result: dict[str, Any], command: str) -> str:
         "- Overall = mean of the six per-category accuracies (GenEval's convention).",
         f"- Recommended CFG scale: **{best_cfg_scale(result)}** (best strict overall among those "
         "evaluated).", ""]
-    if "check" in result:
-        ck = result["check"]
+    ck = result.check
+    if ck is not None:
         lines += [f"- Quick check (`eval_check.json`, reproduced by tests/test_shipped_model.py): "
-                  f"the first {ck['prompts']} of those prompts x {ck['images_per_prompt']} images "
-                  f"at CFG {ck['cfg_scale']}, seed {ck['seed']}: strict overall "
-                  f"{ck['strict']['overall']:.3f}.", ""]
-    for ev in result["evals"]:
-        lines += [f"### CFG {ev['cfg_scale']} (mean partial-credit score {ev['partial']:.3f})", "",
+                  f"the first {ck.prompts} of those prompts x {ck.images_per_prompt} images "
+                  f"at CFG {ck.cfg_scale}, seed {ck.seed}: strict overall "
+                  f"{ck.strict['overall']:.3f}.", ""]
+    for ev in result.evals:
+        lines += [f"### CFG {ev.cfg_scale} (mean partial-credit score {ev.partial:.3f})", "",
                   format_table(ev), ""]
     return "\n".join(lines)

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from stagerl.errors import UserError
+from stagerl.policies.base import Policy
 from stagerl.worlds.shapes.detect import parse_image, snap_colors
 from stagerl.worlds.shapes.spec import WorldSpec
 
@@ -102,19 +103,19 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
     return float(0.5 * kl(p) + 0.5 * kl(q))
 
 
-def _tokenizer_of(policy: Any) -> Any:
+def _tokenizer_of(policy: Policy) -> Any:
     tok = getattr(policy, "tokenizer", None)
     if tok is None or not hasattr(tok, "encode"):
         raise UserError("quality measures need the shapes-world tiny policy (a patch tokenizer)")
     return tok
 
 
-def encode_images(policy: Any, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
+def encode_images(policy: Policy, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
     """Image tokens [N, L] of decoded images (exact for codebook-lookup images)."""
     return _tokenizer_of(policy).encode(_arrays(images))
 
 
-def pretraining_code_histogram(policy: Any, n_examples: int = 2000, seed: int = 0,
+def pretraining_code_histogram(policy: Policy, n_examples: int = 2000, seed: int = 0,
                                n_floor: int = 0) -> tuple[torch.Tensor, float]:
     """(histogram [V] of the tokenizer-encoded ground-truth renders of ``n_examples`` "train"
     prompts, the JSD floor): the floor is the JSD of ``n_floor`` ground-truth "test" renders against
@@ -143,7 +144,7 @@ def _spec_for(tokenizer: Any) -> WorldSpec:
     return WorldSpec() if canvas == WorldSpec().canvas else WorldSpec(canvas=canvas)
 
 
-def token_drift(policy: Any, images: Sequence[Image.Image | np.ndarray],
+def token_drift(policy: Policy, images: Sequence[Image.Image | np.ndarray],
                 reference_hist: torch.Tensor) -> dict[str, float]:
     """JSD of the images' code histogram to the pretraining data's, and codebook usage."""
     tok = _tokenizer_of(policy)
@@ -158,7 +159,7 @@ def token_drift(policy: Any, images: Sequence[Image.Image | np.ndarray],
 
 
 @torch.no_grad()
-def kl_to_base(policy: Any, base: Any, prompts: list[str], tokens: torch.Tensor,
+def kl_to_base(policy: Policy, base: Policy, prompts: list[str], tokens: torch.Tensor,
                batch: int = 256) -> dict[str, float]:
     """Per-token k3 KL(policy || base) on ``tokens`` [N, L] (the policy's own samples),
     teacher-forced under both models' conditional logits; plus mean k1 and both mean entropies."""
@@ -189,7 +190,7 @@ def kl_to_base(policy: Any, base: Any, prompts: list[str], tokens: torch.Tensor,
 # Everything at once
 
 
-def quality_measures(policy: Any, base: Any | None, prompts: list[str],
+def quality_measures(policy: Policy, base: Policy | None, prompts: list[str],
                      images: Sequence[Image.Image], reference_hist: torch.Tensor,
                      spec: WorldSpec = WorldSpec()) -> dict[str, float]:
     """Cleanliness + token drift + (with ``base``) KL to the base model; N images of N prompts."""

@@ -78,7 +78,7 @@ class Rollout:
 
 
 @torch.no_grad()
-def _teacher_forced(model: Any, inputs: PromptInputs, tokens: torch.Tensor, cfg: Any,
+def _teacher_forced(model: torch.nn.Module, inputs: PromptInputs, tokens: torch.Tensor, cfg: Any,
                     micro: int) -> tuple[torch.Tensor, torch.Tensor]:
     lps, ents = [], []
     for s in range(0, len(tokens), micro):

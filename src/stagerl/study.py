@@ -39,7 +39,7 @@ from stagerl.config import Config, load_config, to_yaml
 from stagerl.errors import UserError
 from stagerl.data import EVAL_SEED
 from stagerl.eval import SHAPES_SUITES, evaluate_shapes, generate_images, shapes_items
-from stagerl.policies.base import SamplingParams
+from stagerl.policies.base import Policy, SamplingParams
 # ROWS, COMPARE_ROWS, MAIN, StudyPlan and CONDITIONS are re-exported: the study's public names.
 from stagerl.study_common import (COMPARE_ROWS, CONDITIONS, MAIN, ROWS,  # noqa: F401
                                   CurvePoint, StudyPlan, StudyRun, StudySettings, StudySummary,
@@ -186,7 +186,7 @@ def run_curve(run_dir: str | Path, steps: int) -> list[CurvePoint]:
 # Evaluation of one model on every suite + quality
 
 
-def evaluate_model(policy: Any, base: Any | None, out_dir: Path, plan: StudyPlan,
+def evaluate_model(policy: Policy, base: Policy | None, out_dir: Path, plan: StudyPlan,
                    cfg_scale: float) -> dict[str, Any]:
     """Every suite (strict/lenient per tag, partial credit) and the quality measures, cached in
     ``out_dir/study_eval.json`` keyed by the evaluation settings."""

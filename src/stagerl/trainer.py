@@ -166,7 +166,7 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
 
 
 def _check_health(cfg: Config, state: TrainerState, ro: Rollout, accelerator: Any, engine: str,
-                  model: Any, norm0: float, tracker: Tracker) -> None:
+                  model: torch.nn.Module, norm0: float, tracker: Tracker) -> None:
     """Stop a run that cannot learn or has diverged, with the reason, before it saves anything.
 
     Every rank reaches the same decision (the flags are reduced over processes).
@@ -196,7 +196,7 @@ def _check_health(cfg: Config, state: TrainerState, ro: Rollout, accelerator: An
         raise TrainingStopped(f"stopped at step {state.step}: {reason}")
 
 
-def update(model: Any, ro: Rollout, optimizer: Any, scheduler: Any, accelerator: Any,
+def update(model: torch.nn.Module, ro: Rollout, optimizer: Any, scheduler: Any, accelerator: Any,
            cfg: Config, engine: str = "single") -> dict[str, float] | None:
     """mu passes of (micro-batched) policy-gradient + KL steps on one rollout (docs/algorithm.md §4-§6).
 
@@ -240,7 +240,7 @@ def update(model: Any, ro: Rollout, optimizer: Any, scheduler: Any, accelerator:
     return sums
 
 
-def micro_batch_loss(model: Any, ro: Rollout, idx: torch.Tensor, cfg: Config,
+def micro_batch_loss(model: torch.nn.Module, ro: Rollout, idx: torch.Tensor, cfg: Config,
                      autocast: Any = contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch's exact share of the rollout's loss (docs/algorithm.md §7, §6).
 
@@ -298,7 +298,7 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def _export(accelerator: Any, engine: str, model: Any, policy: Policy, path: Path) -> None:
+def _export(accelerator: Any, engine: str, model: torch.nn.Module, policy: Policy, path: Path) -> None:
     """Write the final model, loadable by plain ``from_pretrained``; every rank takes part in the
     gather of sharded weights (ZeRO-3, FSDP2), the main rank writes."""
     state_dict = distributed.full_state_dict(accelerator, engine, model)
