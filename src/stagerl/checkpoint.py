@@ -18,10 +18,13 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stagerl.errors import UserError
 from stagerl.preflight import check_output_dir
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -36,8 +39,8 @@ class TrainerState:
     no_signal_steps: int = 0  # consecutive steps whose rollout carried no reward signal
 
 
-def save_checkpoint(accelerator: Any, ckpt_root: Path, state: TrainerState, config_yaml: str,
-                    keep_last: int = 2) -> Path:
+def save_checkpoint(accelerator: Accelerator, ckpt_root: Path, state: TrainerState,
+                    config_yaml: str, keep_last: int = 2) -> Path:
     """Save on every process (accelerate writes each rank's RNG state); rename on the main one."""
     final = Path(ckpt_root) / f"step_{state.step:06d}"
     tmp = Path(ckpt_root) / f"step_{state.step:06d}.tmp"
@@ -72,7 +75,7 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return max(done)[1] if done else None
 
 
-def load_checkpoint(accelerator: Any, path: Path) -> TrainerState:
+def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
     accelerator.load_state(str(path))
     return TrainerState(**json.loads((Path(path) / "trainer_state.json").read_text()))
 

@@ -24,6 +24,7 @@ from stagerl.cli_eval import (_add_eval_args, _add_sample_args, _main_process,  
 from stagerl.cli_options import add_option_flags
 from stagerl.errors import UserError
 from stagerl.pretrain import PretrainOptions
+from stagerl.config_schema import Config
 
 # Subcommands implemented elsewhere expose add_cli_args(parser) and run_cli(args) -> int.
 _DELEGATED = {
@@ -95,7 +96,7 @@ def _resume_line(run_dir: Path, steps: int) -> str:
     return f"resuming from step {step} of {steps} ({ckpt})"
 
 
-def _train_cleanly(cfg: Any, run_dir: Path) -> Any:
+def _train_cleanly(cfg: Config, run_dir: Path) -> Any:
     """Train; if it fails before logging anything, remove the folders this call created."""
     from stagerl.trainer import train
 

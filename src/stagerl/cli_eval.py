@@ -21,6 +21,7 @@ from stagerl.config import load_options
 from stagerl.config_schema import _f
 from stagerl.errors import UserError
 from stagerl.policies.base import Policy
+from stagerl.config_schema import Config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +164,7 @@ def _eval_config(args: ModelChoice) -> tuple[Any, Path | None]:
     return cfg, weights
 
 
-def _build_eval_policy(cfg: Any, weights: Path | None) -> Any:
+def _build_eval_policy(cfg: Config, weights: Path | None) -> Any:
     from stagerl.policies import build_policy
 
     policy = build_policy(cfg.model, need_reference=False).policy
@@ -186,13 +187,13 @@ def _load_weights(policy: Policy, path: Path) -> None:
         raise UserError(f"{path}: cannot load these weights ({first})") from None
 
 
-def _sampling_params(cfg: Any, cfg_scale: float | None) -> Any:
+def _sampling_params(cfg: Config, cfg_scale: float | None) -> Any:
     from stagerl.policies.base import SamplingParams
 
     return SamplingParams.from_config(cfg.sampling, cfg_scale)
 
 
-def _seed(args: ModelChoice, cfg: Any) -> int:
+def _seed(args: ModelChoice, cfg: Config) -> int:
     """``--seed``, else the config's ``log.eval_seed``."""
     return cfg.log.eval_seed if args.seed is None else args.seed
 
@@ -232,7 +233,7 @@ def _check_eval_args(args: EvalOptions) -> None:
         check_output_file(args.json, "--json")
 
 
-def _eval_suites(args: EvalOptions, cfg: Any, weights: Path | None) -> int:
+def _eval_suites(args: EvalOptions, cfg: Config, weights: Path | None) -> int:
     from stagerl.eval import evaluate_suite, format_table
     from stagerl.preflight import check_sampling_fits
 
@@ -259,7 +260,7 @@ def _eval_suites(args: EvalOptions, cfg: Any, weights: Path | None) -> int:
     return 0
 
 
-def _eval_benchmark(args: EvalOptions, cfg: Any, weights: Path | None) -> int:
+def _eval_benchmark(args: EvalOptions, cfg: Config, weights: Path | None) -> int:
     from stagerl.eval import evaluate_benchmark, format_table, load_benchmark
     from stagerl.preflight import check_sampling_fits
     from stagerl.rewards.base import build_reward, check_reward_kwargs

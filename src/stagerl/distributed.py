@@ -38,12 +38,16 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
 
+from stagerl.config_schema import Config
 from stagerl.errors import UserError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +86,7 @@ def _launch_number(name: str) -> float | None:
         raise UserError(f"launch file: {name}={raw!r} is not a number") from None
 
 
-def check_launch(cfg: Any) -> str:
+def check_launch(cfg: Config) -> str:
     """Refuse a launch that contradicts the recipe, before any weights load. Returns the engine."""
     engine = detect_engine()
     if engine == "deepspeed":
@@ -121,7 +125,7 @@ def check_launch(cfg: Any) -> str:
     return engine
 
 
-def _check_precision(cfg: Any) -> None:
+def _check_precision(cfg: Config) -> None:
     launch = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if launch and launch != cfg.run.mixed_precision:
         raise UserError(f"run.mixed_precision={cfg.run.mixed_precision} but the launch file sets "
@@ -129,7 +133,7 @@ def _check_precision(cfg: Any) -> None:
                         f"source of truth for precision)")
 
 
-def make_accelerator(cfg: Any, engine: str, local_sequences: int) -> Any:
+def make_accelerator(cfg: Config, engine: str, local_sequences: int) -> Accelerator:
     """The accelerate ``Accelerator`` for ``engine``; call it after the policy is built."""
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
@@ -169,7 +173,7 @@ def _fsdp_env_hidden(engine: str) -> Iterator[None]:
             os.environ["ACCELERATE_USE_FSDP"] = saved
 
 
-def _deepspeed_plugin(cfg: Any, local_sequences: int) -> Any:
+def _deepspeed_plugin(cfg: Config, local_sequences: int) -> Any:
     from accelerate.utils import DeepSpeedPlugin
 
     plugin = DeepSpeedPlugin()  # reads the launch file's settings from the environment
@@ -226,7 +230,7 @@ def _fully_shard(policy: nn.Module, device: torch.device) -> None:
     fully_shard(policy, mesh=mesh)
 
 
-def prepare(accelerator: Any, engine: str, policy: nn.Module,
+def prepare(accelerator: Accelerator, engine: str, policy: nn.Module,
             make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
             ) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
     """(the module whose forward trains, the optimizer to step, the underlying torch optimizer).
@@ -246,7 +250,7 @@ def prepare(accelerator: Any, engine: str, policy: nn.Module,
     return model, optimizer, base
 
 
-def unwrap(accelerator: Any, model: nn.Module) -> nn.Module:
+def unwrap(accelerator: Accelerator, model: nn.Module) -> nn.Module:
     """The policy module itself (sampling, decoding and export call it directly)."""
     return accelerator.unwrap_model(model)
 
@@ -291,7 +295,8 @@ def sampling_weights(engine: str, model: nn.Module) -> Iterator[None]:
 
 # ---- export, clipping, rank-consistent decisions --------------------------------------------------
 
-def full_state_dict(accelerator: Any, engine: str, model: nn.Module) -> dict[str, torch.Tensor] | None:
+def full_state_dict(accelerator: Accelerator, engine: str, model: nn.Module
+                    ) -> dict[str, torch.Tensor] | None:
     """The policy's full state dict for export (a collective: call on every rank).
 
     None means "the unwrapped module's own state dict is already full".
@@ -351,7 +356,8 @@ def unwrap_module(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def clip_grad_norm(accelerator: Any, engine: str, model: nn.Module, max_norm: float) -> float:
+def clip_grad_norm(accelerator: Accelerator, engine: str, model: nn.Module,
+                   max_norm: float) -> float:
     """Clip (when ``max_norm`` > 0) and return the global gradient norm, the same on every rank.
 
     DeepSpeed clips inside its own step (the value comes from the launch file, checked against
@@ -372,7 +378,7 @@ def clip_grad_norm(accelerator: Any, engine: str, model: nn.Module, max_norm: fl
     return float(norm)
 
 
-def all_ranks_true(accelerator: Any, flag: bool) -> bool:
+def all_ranks_true(accelerator: Accelerator, flag: bool) -> bool:
     """True only if ``flag`` is True on every process (every rank takes the same branch)."""
     if accelerator.num_processes == 1:
         return flag
@@ -380,7 +386,7 @@ def all_ranks_true(accelerator: Any, flag: bool) -> bool:
     return bool(accelerator.reduce(t, reduction="sum") >= accelerator.num_processes - 0.5)
 
 
-def gather_metrics(accelerator: Any, metrics: dict[str, float]) -> dict[str, float]:
+def gather_metrics(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
     """Mean of every scalar metric over the processes that report it.
 
     Key sets can differ between processes (per-category reward metrics exist only for the

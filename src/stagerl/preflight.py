@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stagerl.errors import UserError
+from stagerl.config_schema import Config
 
 GIB = 1024 ** 3
 
@@ -142,7 +143,7 @@ def check_sampling_fits(model_cfg: Any, prompts: int, images_per_prompt: int, wh
                "ask for fewer images", cpu)
 
 
-def check_training_fits(cfg: Any) -> None:
+def check_training_fits(cfg: Config) -> None:
     """One training step (rollout, then the update's micro-batches) and the in-run evaluation."""
     dims = model_dims(cfg.model)
     if dims is None:

@@ -19,6 +19,7 @@ from stagerl.data import PromptItem, mix_seed
 from stagerl.policies.base import Policy, PromptInputs, SamplingParams
 from stagerl.policies.sampling import group_noise, sample_tokens
 from stagerl.rewards.base import RewardSet
+from stagerl.config_schema import Config
 
 
 @dataclass
@@ -78,8 +79,8 @@ class Rollout:
 
 
 @torch.no_grad()
-def _teacher_forced(model: torch.nn.Module, inputs: PromptInputs, tokens: torch.Tensor, cfg: Any,
-                    micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _teacher_forced(model: torch.nn.Module, inputs: PromptInputs, tokens: torch.Tensor,
+                    cfg: Config, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
     lps, ents = [], []
     for s in range(0, len(tokens), micro):
         st = model(inputs.select(slice(s, s + micro)), tokens[s:s + micro],
@@ -107,7 +108,8 @@ def generate(policy: Policy, items: list[PromptItem], first_group: int, group_si
 
 
 def rollout(policy: Policy, reference: Policy | None, items: list[PromptItem], first_group: int,
-            rewards: RewardSet, cfg: Any, seed: int, train_forward: Any | None = None) -> Rollout:
+            rewards: RewardSet, cfg: Config, seed: int,
+            train_forward: torch.nn.Module | None = None) -> Rollout:
     """Sample, score and compute advantages and token weights for ``items`` (this process's prompts).
 
     ``policy`` is the unwrapped module (sampling, embeddings, decoding); ``train_forward`` is the
@@ -153,7 +155,7 @@ def rollout(policy: Policy, reference: Policy | None, items: list[PromptItem], f
 
 def score_rollout(columns: torch.Tensor, valid: torch.Tensor, group_index: torch.Tensor,
                   code_emb: torch.Tensor, entropy: torch.Tensor, ref_entropy: torch.Tensor | None,
-                  cfg: Any, names: list[str], tags: list[str | None]) -> Scores:
+                  cfg: Config, names: list[str], tags: list[str | None]) -> Scores:
     """Rewards -> R_i -> A_i -> c̄, w, m -> loss coefficients (docs/algorithm.md §2-§5). Pure.
 
     ``columns`` [N, K] raw rewards, ``valid`` [N, K], ``group_index`` [N], ``code_emb`` [N, L, D],

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,9 @@ from stagerl.policies.base import Policy, SamplingParams
 from stagerl.rewards.base import RewardSet
 from stagerl.rollout import Rollout, rollout
 from stagerl.tracking import Tracker, image_grid
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +168,8 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
                        time.perf_counter() - t_start, policy, model, engine)
 
 
-def _check_health(cfg: Config, state: TrainerState, ro: Rollout, accelerator: Any, engine: str,
-                  model: torch.nn.Module, norm0: float, tracker: Tracker) -> None:
+def _check_health(cfg: Config, state: TrainerState, ro: Rollout, accelerator: Accelerator,
+                  engine: str, model: torch.nn.Module, norm0: float, tracker: Tracker) -> None:
     """Stop a run that cannot learn or has diverged, with the reason, before it saves anything.
 
     Every rank reaches the same decision (the flags are reduced over processes).
@@ -196,8 +199,9 @@ def _check_health(cfg: Config, state: TrainerState, ro: Rollout, accelerator: An
         raise TrainingStopped(f"stopped at step {state.step}: {reason}")
 
 
-def update(model: torch.nn.Module, ro: Rollout, optimizer: Any, scheduler: Any, accelerator: Any,
-           cfg: Config, engine: str = "single") -> dict[str, float] | None:
+def update(model: torch.nn.Module, ro: Rollout, optimizer: torch.optim.Optimizer, scheduler: Any,
+           accelerator: Accelerator, cfg: Config, engine: str = "single"
+           ) -> dict[str, float] | None:
     """mu passes of (micro-batched) policy-gradient + KL steps on one rollout (docs/algorithm.md §4-§6).
 
     Returns metrics, or None when a non-finite reward/loss/gradient made the step a skip (no
@@ -298,7 +302,8 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def _export(accelerator: Any, engine: str, model: torch.nn.Module, policy: Policy, path: Path) -> None:
+def _export(accelerator: Accelerator, engine: str, model: torch.nn.Module, policy: Policy,
+            path: Path) -> None:
     """Write the final model, loadable by plain ``from_pretrained``; every rank takes part in the
     gather of sharded weights (ZeRO-3, FSDP2), the main rank writes."""
     state_dict = distributed.full_state_dict(accelerator, engine, model)
@@ -308,7 +313,7 @@ def _export(accelerator: Any, engine: str, model: torch.nn.Module, policy: Polic
     accelerator.wait_for_everyone()
 
 
-def _all_finite(accelerator: Any, *tensors: torch.Tensor) -> bool:
+def _all_finite(accelerator: Accelerator, *tensors: torch.Tensor) -> bool:
     return distributed.all_ranks_true(accelerator,
                                       all(bool(torch.isfinite(t).all()) for t in tensors))
 
@@ -319,7 +324,7 @@ def _log_grid(tracker: Tracker, ro: Rollout, step: int, G: int) -> None:
     tracker.image(step, "rollout", image_grid(ro.images[:n], labels, cols=G))
 
 
-def _evaluate(cfg: Config, policy: Policy, accelerator: Any, tracker: Tracker, step: int,
+def _evaluate(cfg: Config, policy: Policy, accelerator: Accelerator, tracker: Tracker, step: int,
               tag: str, progress: Any = None) -> ShapesEval | None:
     """Held-out shapes evaluation (strict GenEval rules) on the main process, with the run's
     sampling settings and ``log.eval_seed`` (docs/design.md §13: the one shapes evaluation)."""
