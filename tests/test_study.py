@@ -206,6 +206,8 @@ def test_a_run_is_reused_when_only_new_or_removed_fields_differ(tmp_path):
     del older["model"]["dtype"]  # a field the config gained since the run was trained
     older["algo"]["gone"] = 1  # a field it lost
     assert study_mod._same_run({"resolved": older}, cfg)
+    older["run"]["out_dir"] = "/elsewhere/runs"  # the same study reached by another path
+    assert study_mod._same_run({"resolved": older}, cfg)
     older["optim"]["lr"] = 2 * cfg.optim.lr  # a field both know, with another value
     assert not study_mod._same_run({"resolved": older}, cfg)
 

@@ -120,17 +120,23 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Where a run lives is not what it is: the same study reached through another path (a relative
+# --out, a moved folder) reuses its runs.
+_LOCATION_KEYS = {"run.out_dir"}
+
+
 def _same_run(saved: dict[str, Any], cfg: Config) -> bool:
     """Does a finished run's saved config describe ``cfg``? Every field both know must agree; a
     field only one side knows (added to or removed from the config since) is ignored, because a
-    new field's default keeps the old behaviour (docs/study.md, "Reuse and order")."""
+    new field's default keeps the old behaviour, and so is the folder the runs live in
+    (docs/study.md, "Reuse and order")."""
     from omegaconf import OmegaConf
 
     if "resolved" not in saved:
         return saved.get("config") == _fingerprint(to_yaml(cfg))
     old = _flat(saved["resolved"])
     new = _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
-    return all(old[k] == new[k] for k in old.keys() & new.keys())
+    return all(old[k] == new[k] for k in (old.keys() & new.keys()) - _LOCATION_KEYS)
 
 
 def train_or_reuse(cfg: Config) -> tuple[Path, float, bool]:
