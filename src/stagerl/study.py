@@ -112,11 +112,12 @@ def _fingerprint(text: str) -> str:
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {"run.out_dir": value, ...}."""
     if not isinstance(d, dict):
         return {prefix: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
 
