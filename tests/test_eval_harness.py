@@ -13,7 +13,7 @@ import torch
 from conftest import make_tiny_policy
 from stagerl.benchmarks import BENCHMARKS
 from stagerl.errors import UserError
-from stagerl.eval import (ShapesEval, benchmark_category, evaluate_benchmark, evaluate_shapes,
+from stagerl.eval import (ShapesEval, benchmark_category, evaluate_benchmark,
                           evaluate_suite, generate_images, load_benchmark, markdown_table)
 from stagerl.policies.base import SamplingParams
 from stagerl.rewards.base import RewardOutput, register_reward
@@ -153,14 +153,15 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path, compbench, poli
 
 
 def test_shapes_suite_saves_tables_and_skips_done(tmp_path, policy, monkeypatch):
-    res = evaluate_shapes(policy, "compositions", n_prompts=8, images_per_prompt=1,
-                          out_dir=tmp_path / "c")
-    assert set(res["strict"]) == {"counting", "colors", "position", "color_attr", "overall"}
+    params = SamplingParams(cfg_scale=2.0)
+    res = evaluate_suite(policy, "compositions", 8, 1, params, out_dir=tmp_path / "c")
+    assert set(res.strict) == {"counting", "colors", "position", "color_attr", "overall"}
     md = (tmp_path / "c" / "results.md").read_text()
     assert "| strict |" in md and "| lenient |" in md and "| counting |" in md
     monkeypatch.setattr(type(policy), "sample", lambda *a, **k: (_ for _ in ()).throw(
         AssertionError("resampled")))
-    assert evaluate_shapes(policy, "compositions", 8, 1, out_dir=tmp_path / "c") == res
+    again = evaluate_suite(policy, "compositions", 8, 1, params, out_dir=tmp_path / "c")
+    assert again == res and [len(ims) for ims in again.images] == [1] * 8  # read back from disk
 
 
 def test_markdown_table_formats_numbers_and_strings():
@@ -174,7 +175,6 @@ def test_shapes_eval_is_typed_and_keeps_its_images(policy):
     res = evaluate_suite(policy, "heldout", 4, 2, params, seed=11)
     assert isinstance(res, ShapesEval) and res.top_k == 3 and res.seed == 11
     assert len(res.images) == len(res.items) == 4 and all(len(ims) == 2 for ims in res.images)
-    assert res.to_dict() == evaluate_shapes(policy, "heldout", 4, 2, 2.0, 11, top_k=3)
     assert "images" not in res.to_dict()
     back = ShapesEval.from_dict(json.loads(json.dumps(res.to_dict())))  # as a run folder stores it
     assert back == res and back.images == [] and back.strict["overall"] == res.strict["overall"]

@@ -5,7 +5,7 @@ Entry points:
 - :func:`evaluate_suite` -- a shapes-world suite, scored by the exact evaluator (strict, lenient,
   partial credit) -> a :class:`ShapesEval`. The one shapes evaluation (docs/design.md §13): the
   trainer's before/after evaluation, ``stagerl eval``, ``stagerl pretrain`` (the model card) and
-  ``stagerl study`` all call it; :func:`evaluate_shapes` is its dict-returning form.
+  ``stagerl study`` all call it.
 - :func:`evaluate_benchmark` -- a benchmark path: GenEval metadata (.jsonl), T2I-CompBench-style
   prompt lists (.txt, the category is the file name: ``color_val.txt`` -> ``color``; or a folder of
   them), DrawBench (.csv with a Category column) or an OCR prompt file (.txt), scored by the
@@ -264,17 +264,6 @@ def evaluate_suite(policy: Policy, suite: str, n_prompts: int, images_per_prompt
         (out_dir / "results.md").write_text(markdown_table(
             {"strict": result.strict, "lenient": result.lenient}, title))
     return result
-
-
-def evaluate_shapes(policy: Policy, suite: str = "heldout", n_prompts: int = 200,
-                    images_per_prompt: int = 4, cfg_scale: float = 2.0, seed: int = EVAL_SEED,
-                    temperature: float = 1.0, top_k: int = 0, out_dir: Path | None = None,
-                    progress: Any = None, top_p: float = 1.0) -> dict[str, Any]:
-    """:func:`evaluate_suite` with the sampling settings as arguments, returning its JSON-able
-    :meth:`ShapesEval.to_dict`."""
-    params = SamplingParams(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
-    return evaluate_suite(policy, suite, n_prompts, images_per_prompt, params, seed, out_dir,
-                          progress).to_dict()
 
 
 def _check_canvas(images: list[Image.Image], suite: str) -> None:

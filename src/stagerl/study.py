@@ -38,7 +38,7 @@ import torch
 from stagerl.config import Config, load_config, to_yaml
 from stagerl.errors import UserError
 from stagerl.data import EVAL_SEED
-from stagerl.eval import SHAPES_SUITES, evaluate_shapes, generate_images, shapes_items
+from stagerl.eval import SHAPES_SUITES, evaluate_suite
 from stagerl.policies.base import Policy, SamplingParams
 # ROWS, COMPARE_ROWS, MAIN, StudyPlan and CONDITIONS are re-exported: the study's public names.
 from stagerl.study_common import (COMPARE_ROWS, CONDITIONS, MAIN, ROWS,  # noqa: F401
@@ -207,16 +207,12 @@ def evaluate_model(policy: Policy, base: Policy | None, out_dir: Path, plan: Stu
     result: dict[str, Any] = {"key": key, "suites": {}}
     prompts, images = [], []
     for suite in SHAPES_SUITES:
-        d = out_dir / "eval" / suite
-        result["suites"][suite] = evaluate_shapes(policy, suite, plan.eval_prompts,
-                                                  plan.eval_images, cfg_scale, EVAL_SEED,
-                                                  out_dir=d)
-        # The images are on disk now; reading them back costs no sampling.
-        items = shapes_items(suite, plan.eval_prompts, EVAL_SEED)
-        per_prompt = generate_images(policy, items, plan.eval_images,
-                                     SamplingParams(cfg_scale=cfg_scale), EVAL_SEED, d)
-        prompts += [it.prompt for it in items for _ in range(plan.eval_images)]
-        images += [im for ims in per_prompt for im in ims]
+        res = evaluate_suite(policy, suite, plan.eval_prompts, plan.eval_images,
+                             SamplingParams(cfg_scale=cfg_scale), EVAL_SEED,
+                             out_dir=out_dir / "eval" / suite)
+        result["suites"][suite] = res.to_dict()
+        prompts += [it.prompt for it in res.items for _ in range(plan.eval_images)]
+        images += [im for ims in res.images for im in ims]
     ref_hist, floor = pretraining_code_histogram(policy, plan.quality_ref_examples,
                                                  n_floor=len(images))
     result["quality"] = quality_measures(policy, base, prompts, images, ref_hist)

@@ -124,7 +124,7 @@ class StudyRun:
     train_seconds: float  # measured when the run was trained, so also true for a reused run
     reused: bool
     # The evaluation on every suite plus quality, as the study caches it in study_eval.json:
-    # {"key", "suites": {suite: eval.evaluate_shapes' result}, "quality": {measure: value}}.
+    # {"key", "suites": {suite: ShapesEval.to_dict()}, "quality": {measure: value}}.
     eval: dict[str, Any]
     curve: list[CurvePoint] = field(default_factory=list)
     steps: int  # training steps actually run (conditions may scale them)
