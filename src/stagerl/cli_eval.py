@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from stagerl.cli_options import add_option_flags, options_from_args, split_positional
-from stagerl.config import load_options
+from stagerl.cli_options import add_option_flags, options_from_args
 from stagerl.config_schema import _f
 from stagerl.errors import UserError
 from stagerl.policies.base import Policy
@@ -322,14 +321,7 @@ def cmd_sample(cli_args: argparse.Namespace) -> int:
 def _sample_options(cli_args: argparse.Namespace) -> SampleOptions:
     """The bare arguments are prompts, except an options file and ``key=value`` overrides of a
     field (``n=2``); flags and overrides as for every command."""
-    path, overrides, prompts = split_positional(cli_args.options, SampleOptions,
-                                                other=lambda item: True)
-    flags = {k: v for k, v in vars(cli_args).items()
-             if k in SampleOptions.__dataclass_fields__ and v is not None}
-    if prompts:
-        flags["prompts"] = prompts
-    labels = {k: "--" + k.replace("_", "-") for k in flags if k != "prompts"}
-    return load_options(SampleOptions, path, overrides, flags, labels)
+    return options_from_args(SampleOptions, cli_args, cli_args.options, rest_to="prompts")
 
 
 def _sample_items(args: SampleOptions) -> list[Any]:

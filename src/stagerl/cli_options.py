@@ -83,8 +83,9 @@ def split_positional(items: list[str], cls: type,
             rest.append(it)
         elif "=" in it:
             close = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.5)
-            hint = f" Did you mean '{close[0]}'?" if close else f" Options: {', '.join(sorted(fields))}"
-            raise UserError(f"unknown option '{key}' in {it!r}.{hint}")
+            hint = f"Did you mean '{close[0]}'?" if close \
+                else f"Options: {', '.join(sorted(fields))}"
+            raise UserError(f"unknown option '{key}' in {it!r}. {hint}")
         else:
             raise UserError(f"unexpected argument {it!r}: give one options file (.yaml), then "
                             f"key=value overrides")
@@ -100,14 +101,19 @@ def _split_commas(value: Any) -> Any:
 
 
 def options_from_args(cls: type, args: argparse.Namespace, items: list[str] | None = None,
-                      check: Callable[[Any], None] | None = None) -> Any:
+                      check: Callable[[Any], None] | None = None,
+                      rest_to: str | None = None) -> Any:
     """The command's options from its parsed flags and ``items`` (``[options.yaml] [key=value
-    ...]``), loaded and checked like the training config."""
-    path, overrides, _ = split_positional(list(items or []), cls)
+    ...]``), loaded and checked like the training config. With ``rest_to``, the other items are
+    that list field's values (``sample``'s prompts) instead of an error."""
+    path, overrides, rest = split_positional(list(items or []), cls,
+                                             other=(lambda item: True) if rest_to else None)
     flags = {f.name: getattr(args, f.name) if f.metadata.get("raw")
              else _split_commas(getattr(args, f.name)) for f in dataclasses.fields(cls)
              if getattr(args, f.name, None) is not None}
     labels = {name: flag(name) for name in flags}
+    if rest_to and rest:
+        flags[rest_to] = rest
     return load_options(cls, path, overrides, flags, labels, check)
 
 
