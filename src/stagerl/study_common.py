@@ -40,6 +40,7 @@ CONDITIONS: dict[str, dict[str, Any]] = {
     # The drift setting trained 3x longer: whether vanilla GRPO drifts given more steps on the
     # gameable reward (the paper's runs are far longer than the study's main runs).
     "lenient_long": {"set": ["reward.names=[shapes_lenient]"], "steps_mult": 3,
+                     "longer_of": "lenient",
                      "help": "trained on the lenient GenEval rule for 3x the training steps"},
     "long": {"steps_mult": 3, "help": "3x the training steps (and samples)"},
     "no_kl": {"set": ["algo.beta=0"], "help": "no KL term (beta = 0)"},

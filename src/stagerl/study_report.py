@@ -290,9 +290,17 @@ def drift_section(summary: StudySummary, groups: Groups, figures: dict[str, str]
         keys = [(k, lab) for k, lab, _ in DRIFT]
         rows = {LABELS["base"]: {lab: fmt([base.get(k, float("nan"))]) for k, lab in keys}}
         main_van = groups.get(("vanilla_grpo", None))
+        steps = summary.plan.steps
         if main_van:
-            rows["vanilla GRPO, strict reward (main)"] = {lab: fmt(_vals(main_van, k))
-                                                          for k, lab in keys}
+            rows[f"vanilla GRPO, strict reward (main, {steps} steps)"] = {
+                lab: fmt(_vals(main_van, k)) for k, lab in keys}
+        # A longer run of another reward condition: that condition's vanilla GRPO as well, so
+        # the table shows what the extra steps did.
+        shorter = CONDITIONS[cond].get("longer_of")
+        short_van = groups.get(("vanilla_grpo", shorter)) if shorter else None
+        if short_van:
+            rows[f"vanilla GRPO, `{shorter}` ({steps} steps)"] = {
+                lab: fmt(_vals(short_van, k)) for k, lab in keys}
         rows.update(_table_rows(summary, groups, keys, condition=cond))
         lines.append(markdown_table(rows, f"Absolute values, trained on `{cond}`"))
         diffs: dict[str, dict[str, str]] = {
@@ -301,6 +309,9 @@ def drift_section(summary: StudySummary, groups: Groups, figures: dict[str, str]
         if main_van:
             diffs[f"vanilla GRPO: {cond} − strict reward"] = {
                 lab: _diff_cell(_vals(van, k), _vals(main_van, k), hb) for k, lab, hb in DRIFT}
+        if short_van:
+            diffs[f"vanilla GRPO: {cond} − `{shorter}`"] = {
+                lab: _diff_cell(_vals(van, k), _vals(short_van, k), hb) for k, lab, hb in DRIFT}
         for row in ("plus_ent", "stage"):
             other = groups.get((row, cond))
             if other:
