@@ -356,3 +356,15 @@ def test_jobs_run_in_worker_processes(tmp_path, model_dir, monkeypatch):
     assert main(args) == 0
     again = json.loads((out / "summary.json").read_text())
     assert [r["eval"] for r in again["runs"]] == [r["eval"] for r in first["runs"]]
+
+
+def test_grid_cache_follows_the_weights(tmp_path):
+    """A retrained run must not show the images cached for the run it replaced."""
+    from stagerl.study_figures import _weights_tag
+
+    (tmp_path / "model.safetensors").write_bytes(b"one")
+    first = _weights_tag(str(tmp_path))
+    assert first == _weights_tag(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"two")
+    assert _weights_tag(str(tmp_path)) != first
+    assert _weights_tag("builtin:shapes").startswith("weights-")  # the shipped model's weights

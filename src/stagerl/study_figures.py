@@ -4,12 +4,15 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import math
 from pathlib import Path
 
 import numpy as np
 
 from stagerl.data import EVAL_SEED
+from stagerl.policies.tiny import resolve_model_path
 from stagerl.study_common import (StudyRun, StudySummary, _lr_label, _lr_order, load_policy,
                                   sweep_runs)
 from stagerl.study_report import LABELS, REWARD_CONDITIONS, render_markdown
@@ -204,7 +207,7 @@ def write_grid(summary: StudySummary, docs: Path, out: Path, prefix: str = "resu
     k, scale, pad, head, left = plan.grid_images, 3, 4, 44, 120
     params = SamplingParams(cfg_scale=summary.config.cfg_scale)
     rows = [generate_images(load_policy(path), items, k, params, EVAL_SEED + 7,
-                            out / "grid" / f"model{i}") for i, (_, path) in enumerate(models)]
+                            out / "grid" / _weights_tag(path)) for _, path in models]
     cell = rows[0][0][0].width * scale
     width = left + len(items) * (k * cell + pad)
     canvas = Image.new("RGB", (width, head + len(models) * (cell + pad)), "white")
@@ -227,6 +230,19 @@ def write_grid(summary: StudySummary, docs: Path, out: Path, prefix: str = "resu
     fname = f"{prefix}_grid.png"
     canvas.save(docs / fname)
     return fname
+
+
+def _weights_tag(path: str) -> str:
+    """A cache folder name that changes when the model's weights do, so that a retrained run
+    never shows the images of the run it replaced."""
+    folder = resolve_model_path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return "".join(ch if ch.isalnum() else "_" for ch in path)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return f"weights-{digest.hexdigest()[:16]}"
 
 
 def write_report(summary: StudySummary, docs: str | Path, out: str | Path, command: str,
