@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stagerl.cli_eval import (_add_eval_args, _add_sample_args, _main_process,  # noqa: F401
-                              _progress, cmd_eval, cmd_sample, find_config, preset_names)
+                              _progress, find_config, preset_names, run_eval,
+                              run_sample)
 from stagerl.cli_options import add_option_flags
 from stagerl.errors import UserError
 from stagerl.pretrain import PretrainOptions
@@ -157,6 +158,18 @@ def _print_train_result(result: Any, plots: list[Path]) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # eval / sample: which model
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    return run_eval(args, _say)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    return run_sample(args, _say)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

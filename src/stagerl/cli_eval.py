@@ -2,7 +2,8 @@
 options; plus what every subcommand shares: finding preset configs by name and the progress bars
 (a tqdm factory that is off without a terminal).
 
-Kept apart from :mod:`stagerl.cli` (the parser and the other subcommands) by concern.
+Kept apart from :mod:`stagerl.cli` (the parser and the other subcommands) by concern; cli.py
+owns stdout, and the commands here report each line through the ``say`` it passes in.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+Say = Callable[[str], None]  # one line for the user (cli.py prints it, flushed)
 
 from stagerl.cli_options import add_option_flags, options_from_args
 from stagerl.config_schema import _f
@@ -201,18 +204,19 @@ def _seed(args: ModelChoice, cfg: Config) -> int:
 # eval
 
 
-def cmd_eval(cli_args: argparse.Namespace) -> int:
+def run_eval(cli_args: argparse.Namespace, say: Say) -> int:
+    """``stagerl eval``; every line for the user goes through ``say`` (cli.py owns stdout)."""
     args = options_from_args(EvalOptions, cli_args, cli_args.options)
     if args.benchmark == "list":
         from stagerl.benchmarks import format_benchmark_list
 
-        print(format_benchmark_list())
+        say(format_benchmark_list())
         return 0
     _check_eval_args(args)
     cfg, weights = _eval_config(args)
     if args.benchmark:
-        return _eval_benchmark(args, cfg, weights)
-    return _eval_suites(args, cfg, weights)
+        return _eval_benchmark(args, cfg, weights, say)
+    return _eval_suites(args, cfg, weights, say)
 
 
 def _check_eval_args(args: EvalOptions) -> None:
@@ -232,7 +236,7 @@ def _check_eval_args(args: EvalOptions) -> None:
         check_output_file(args.json, "--json")
 
 
-def _eval_suites(args: EvalOptions, cfg: Config, weights: Path | None) -> int:
+def _eval_suites(args: EvalOptions, cfg: Config, weights: Path | None, say: Say) -> int:
     from stagerl.eval import evaluate_suite, format_table
     from stagerl.preflight import check_sampling_fits
 
@@ -245,21 +249,20 @@ def _eval_suites(args: EvalOptions, cfg: Config, weights: Path | None) -> int:
     out = Path(args.out) if args.out else None
     results: dict[str, Any] = {}
     for suite in suites:
-        print(f"suite {suite}: scoring {prompts} prompts x {args.images_per_prompt} images",
-              flush=True)
+        say(f"suite {suite}: scoring {prompts} prompts x {args.images_per_prompt} images")
         res = evaluate_suite(policy, suite, prompts, args.images_per_prompt, params,
                              _seed(args, cfg), out_dir=(out / suite) if out else None,
                              progress=_progress())
-        print(format_table({"strict": res.strict, "lenient": res.lenient},
-                           f"suite {suite}: {res.prompts} prompts x {res.images_per_prompt} "
-                           f"images, cfg {params.cfg_scale}"))
-        print(f"mean partial credit: {res.partial:.3f}\n")
+        say(format_table({"strict": res.strict, "lenient": res.lenient},
+                         f"suite {suite}: {res.prompts} prompts x {res.images_per_prompt} "
+                         f"images, cfg {params.cfg_scale}"))
+        say(f"mean partial credit: {res.partial:.3f}\n")
         results[suite] = res.to_dict()
     _write_json(args.json, results)
     return 0
 
 
-def _eval_benchmark(args: EvalOptions, cfg: Config, weights: Path | None) -> int:
+def _eval_benchmark(args: EvalOptions, cfg: Config, weights: Path | None, say: Say) -> int:
     from stagerl.eval import evaluate_benchmark, format_table, load_benchmark
     from stagerl.preflight import check_sampling_fits
     from stagerl.rewards.base import build_reward, check_reward_kwargs
@@ -278,15 +281,15 @@ def _eval_benchmark(args: EvalOptions, cfg: Config, weights: Path | None) -> int
     check_sampling_fits(cfg.model, len(items), args.images_per_prompt, "--benchmark x "
                         "--images-per-prompt", params.cfg_scale != 1.0)
     scope = "the whole file" if args.prompts is None else f"at most {args.prompts} per file"
-    print(f"{bench}: scoring {len(items)} prompts ({scope}) x {args.images_per_prompt} images = "
-          f"{len(items) * args.images_per_prompt} images with {', '.join(names)}", flush=True)
+    say(f"{bench}: scoring {len(items)} prompts ({scope}) x {args.images_per_prompt} images = "
+        f"{len(items) * args.images_per_prompt} images with {', '.join(names)}")
     policy = _build_eval_policy(cfg, weights)
     res = evaluate_benchmark(policy, bench, names, kwargs, args.images_per_prompt, params,
                              _seed(args, cfg), Path(args.out) if args.out else None,
                              max_prompts=args.prompts, items=items, progress=_progress())
-    print(format_table(res["scores"], f"{bench}: mean reward by category"))
+    say(format_table(res["scores"], f"{bench}: mean reward by category"))
     for note in res.get("notes", []):
-        print(f"note: {note}")
+        say(f"note: {note}")
     _write_json(args.json, {Path(bench).stem: res})
     return 0
 
@@ -301,7 +304,8 @@ def _write_json(path: str | None, results: dict[str, Any]) -> None:
 # sample
 
 
-def cmd_sample(cli_args: argparse.Namespace) -> int:
+def run_sample(cli_args: argparse.Namespace, say: Say) -> int:
+    """``stagerl sample``; the summary line goes through ``say``."""
     from stagerl.eval import generate_images
     from stagerl.preflight import check_output_dir, check_sampling_fits
 
@@ -314,7 +318,7 @@ def cmd_sample(cli_args: argparse.Namespace) -> int:
     policy = _build_eval_policy(cfg, weights)
     generate_images(policy, items, args.n, params, _seed(args, cfg), Path(args.out),
                     progress=_progress())
-    print(f"wrote {len(items) * args.n} images for {len(items)} prompts under {args.out}")
+    say(f"wrote {len(items) * args.n} images for {len(items)} prompts under {args.out}")
     return 0
 
 
