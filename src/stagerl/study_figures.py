@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 
 import math
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -55,13 +56,30 @@ PLOTS = [("reward", "Training reward (raw column, smoothed)", [("@reward", "")],
          ("kl", "KL to the reference (k3, per token)", [("policy/kl_k3", "")], True)]
 
 
-def write_plots(summary: StudySummary, docs: Path, prefix: str = "results") -> dict[str, str]:
-    """One PNG per curve, one line per row (main study only). Returns {title: file name}."""
+def _figure(size: tuple[float, float]) -> Any:
+    """A new (figure, axes) on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=size, dpi=110)
+
+
+def _save(fig: Any, ax: Any, path: Path, **legend: Any) -> None:
+    """Grid, legend (when something is labelled), tight layout; write ``path``; free the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_plots(summary: StudySummary, docs: Path, prefix: str = "results") -> dict[str, str]:
+    """One PNG per curve, one line per row (main study only). Returns {title: file name}."""
     dirs: dict[str, list[str]] = {}
     for r in summary.runs:
         if r.condition is None and r.at_plan_lr_and_steps:
@@ -69,7 +87,7 @@ def write_plots(summary: StudySummary, docs: Path, prefix: str = "results") -> d
     steps = summary.config.steps
     written = {}
     for name, title, keys, smooth in PLOTS:
-        fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+        fig, ax = _figure((6.4, 3.8))
         for i, (row, run_dirs) in enumerate(dirs.items()):
             color = f"C{i}"
             for key, style in keys:
@@ -82,13 +100,8 @@ def write_plots(summary: StudySummary, docs: Path, prefix: str = "results") -> d
                 ax.fill_between(x, m - s, m + s, color=color, alpha=0.12)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
         fname = f"{prefix}_{name}.png"
-        fig.savefig(docs / fname)
-        plt.close(fig)
+        _save(fig, ax, docs / fname, fontsize=7)
         written[title] = fname
     return written
 
@@ -97,11 +110,6 @@ def write_frontiers(summary: StudySummary, docs: Path, prefix: str = "results") 
     """One reward-KL frontier PNG per swept setting: every in-training evaluation of every run as a
     faint point, the mean over seeds per (method, lr) as a line. Returns {"frontier:<setting>":
     file name}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     written = {}
     # The base model's in-training evaluation (step 0, the same for every run): the same prompts
     # and images per prompt as every point of the plot.
@@ -109,7 +117,7 @@ def write_frontiers(summary: StudySummary, docs: Path, prefix: str = "results") 
     base_score = float(np.mean(firsts)) if firsts else None
     styles = ["-", "--", ":", "-."]
     for setting, by_row in sweep_runs(summary).items():
-        fig, ax = plt.subplots(figsize=(6.8, 4.2), dpi=110)
+        fig, ax = _figure((6.8, 4.2))
         for i, (row, by_lr) in enumerate(by_row.items()):
             color = f"C{i}"
             for j, m in enumerate(sorted(by_lr, key=_lr_order)):
@@ -135,12 +143,8 @@ def write_frontiers(summary: StudySummary, docs: Path, prefix: str = "results") 
         ax.set_ylabel(f"held-out strict ({summary.plan.curve_suite})")
         name = "main setting" if setting is None else setting
         ax.set_title(f"Reward-KL frontier, {name}: in-training evaluations", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
         fname = f"{prefix}_frontier{'' if setting is None else '_' + setting}.png"
-        fig.savefig(docs / fname)
-        plt.close(fig)
+        _save(fig, ax, docs / fname, fontsize=6, ncol=2)
         written[f"frontier:{setting}"] = fname
     return written
 
@@ -149,11 +153,6 @@ def write_drift_curves(summary: StudySummary, docs: Path,
                        prefix: str = "results") -> dict[str, str]:
     """Per reward condition: the in-training held-out score under the strict rule (solid) and the
     lenient rule (dashed), mean over seeds per method. Returns {"drift:<condition>": file name}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     written = {}
     for cond in [c for c in summary.plan.conditions if c in REWARD_CONDITIONS]:
         by_row: dict[str, list[StudyRun]] = {}
@@ -162,7 +161,7 @@ def write_drift_curves(summary: StudySummary, docs: Path,
                 by_row.setdefault(r.row, []).append(r)
         if not by_row:
             continue
-        fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+        fig, ax = _figure((6.4, 3.8))
         for i, (row, runs) in enumerate(by_row.items()):
             steps = sorted(set.intersection(*({p.step for p in r.curve} for r in runs)))
             for rule, style in (("strict", "-"), ("lenient", "--")):
@@ -175,12 +174,8 @@ def write_drift_curves(summary: StudySummary, docs: Path,
         ax.set_ylabel(f"held-out score ({summary.plan.curve_suite})")
         ax.set_title(f"Trained on `{cond}`: held-out strict (solid) and lenient (dashed)",
                      fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
         fname = f"{prefix}_drift_{cond}.png"
-        fig.savefig(docs / fname)
-        plt.close(fig)
+        _save(fig, ax, docs / fname, fontsize=6, ncol=2)
         written[f"drift:{cond}"] = fname
     return written
 
