@@ -29,21 +29,13 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from stagerl.config_schema import (AlgoConfig, Config, DataConfig, LogConfig,  # noqa: F401
                                    ModelConfig, OptimConfig, RewardConfig, RunConfig,
-                                   SamplingConfig, _all_keys, field_help)
+                                   SamplingConfig, _all_keys, field_help, sub_config)
 from stagerl.data import suite_names
 from stagerl.errors import UserError
 
 
-def _sub_config(f: dataclasses.Field) -> type | None:
-    """The dataclass of a section field (``run: RunConfig``), or None for a value field."""
-    if f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
-        return None
-    sub = f.default_factory()  # type: ignore[misc]
-    return type(sub) if dataclasses.is_dataclass(sub) else None
-
-
 def _sections(root: type) -> dict[str, type]:
-    return {f.name: c for f in dataclasses.fields(root) if (c := _sub_config(f)) is not None}
+    return {f.name: c for f in dataclasses.fields(root) if (c := sub_config(f)) is not None}
 
 
 def _suggest(key: str, root: type = Config) -> str:

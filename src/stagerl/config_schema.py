@@ -205,17 +205,19 @@ class Config:
 # Loading, with errors a user can act on.
 
 
+def sub_config(f: dataclasses.Field) -> type | None:
+    """The dataclass of a section field (``run: RunConfig``), or None for a value field."""
+    if f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+        return None
+    sub = f.default_factory()  # type: ignore[misc]
+    return type(sub) if dataclasses.is_dataclass(sub) else None
+
+
 def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     keys = []
     for f in dataclasses.fields(cls):
-        name = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")
-                                                and f.default_factory is not dataclasses.MISSING):
-            sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-            if dataclasses.is_dataclass(sub):
-                keys += _all_keys(type(sub), name + ".")
-                continue
-        keys.append(name)
+        sub = sub_config(f)
+        keys += _all_keys(sub, f"{prefix}{f.name}.") if sub else [f"{prefix}{f.name}"]
     return keys
 
 
