@@ -22,11 +22,15 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _default_text(f: dataclasses.Field) -> str:
+def field_default(f: dataclasses.Field) -> Any:
+    """The value a dataclass field takes when not given."""
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = f.default_factory()  # type: ignore[misc]
-    else:
-        value = f.default
+        return f.default_factory()  # type: ignore[misc]
+    return f.default
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    value = field_default(f)
     if value is None or value == [] or value == "":
         return "none"
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
@@ -119,9 +123,5 @@ def options_from_args(cls: type, args: argparse.Namespace, items: list[str] | No
 
 def options_help(cls: type) -> list[tuple[str, str, str]]:
     """(field, default, help) for every option of ``cls``, for docs/config.md."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
-            else f.default  # type: ignore[misc]
-        rows.append((f.name, repr(default), f.metadata.get("help", "")))
-    return rows
+    return [(f.name, repr(field_default(f)), f.metadata.get("help", ""))
+            for f in dataclasses.fields(cls)]

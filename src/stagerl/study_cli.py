@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from stagerl.cli_eval import config_dirs
-from stagerl.cli_options import add_option_flags, flag, options_from_args
+from stagerl.cli_options import add_option_flags, field_default, flag, options_from_args
 from stagerl.config import FieldError, load_config
 from stagerl.config_schema import _f
 from stagerl.errors import UserError
@@ -159,9 +159,7 @@ def command_line(opts: StudyOptions) -> str:
     parts = ["stagerl study"] + (["--quick"] if opts.quick else []) + [f"--seeds {opts.seeds}"]
     for f in dataclasses.fields(StudyOptions):
         value = getattr(opts, f.name)
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
-            else f.default  # type: ignore[misc]
-        if f.name in ("quick", "seeds", "jobs", "shard") or value == default \
+        if f.name in ("quick", "seeds", "jobs", "shard") or value == field_default(f) \
                 or value in (None, [], ""):
             continue
         text = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
