@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stagerl.config_schema import _f
 from stagerl.eval import CHUNK_PROMPTS, EVAL_SEED, ShapesEval, evaluate_suite
 from stagerl.policies.base import PromptInputs, SamplingParams
 from stagerl.policies.tiny import PromptVocab, TinyConfig, TinyPolicy
@@ -37,14 +38,6 @@ from stagerl.worlds.shapes.spec import WorldSpec
 from stagerl.worlds.shapes.tokenizer import PatchTokenizer
 
 log = logging.getLogger(__name__)
-
-
-def _f(default: Any, help: str, **checks: Any) -> Any:
-    """A dataclass field with a help string (shown by ``stagerl pretrain --help``) and its
-    ``min``/``max`` (checked by the same loader as the training config)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **checks})
-    return field(default=default, metadata={"help": help, **checks})
 
 
 @dataclass
