@@ -73,7 +73,7 @@ def test_tied_group_bonus_becomes_full_size_advantage():
 
 
 def test_no_gradient_flows_through_rewards():
-    # The authors' bonus leaked gradient through the advantages; ours must not (docs/algorithm.md §2).
+    # Rewards and advantages are constants (docs/algorithm.md §2), even from inputs with gradient.
     rewards, ent, ref, index = two_interleaved_groups()
     ent = ent.clone().requires_grad_(True)
     ref = ref.clone().requires_grad_(True)

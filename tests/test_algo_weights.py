@@ -26,12 +26,13 @@ def loop_c_bar(emb: torch.Tensor, adv: torch.Tensor, index: torch.Tensor,
             if index[j] != index[i]:
                 continue
             a_i, a_j = adv[i].item(), adv[j].item()
+            # |A| ≤ SIGN_ZERO_TOL counts as 0 under both partner sets.
+            s_i = 0 if abs(a_i) <= SIGN_ZERO_TOL else (1 if a_i > 0 else -1)
+            s_j = 0 if abs(a_j) <= SIGN_ZERO_TOL else (1 if a_j > 0 else -1)
             if partner_set == "fixed":
-                s_i = 0 if abs(a_i) <= SIGN_ZERO_TOL else (1 if a_i > 0 else -1)
-                s_j = 0 if abs(a_j) <= SIGN_ZERO_TOL else (1 if a_j > 0 else -1)
                 partner = j != i and s_i * s_j < 0
             else:
-                partner = a_i * a_j <= 0
+                partner = s_i * s_j <= 0
             if not partner:
                 continue
             count += 1
@@ -147,16 +148,36 @@ def test_parity_empty_partner_set_gives_zero_not_nan():
     assert (c_bar == 0).all()
 
 
-def test_fixed_sign_tolerance():
-    # A residual |A| ≤ 1e-6 counts as 0 under fixed (not a partner of anyone), but the exact
-    # parity test still sees its sign.
+def test_sign_tolerance_under_both_partner_sets():
+    # A residual |A| ≤ 1e-6 counts as 0 under fixed (not a partner of anyone) and under parity
+    # (a partner of everyone, itself included): the same c̄ as an exact 0 (see above).
     emb, _, index = zero_member_group()
     adv = torch.tensor([1.0, 1e-8, -1.0])
     fixed = mean_opposite_similarity(emb, adv, index, "fixed")
-    torch.testing.assert_close(fixed, torch.zeros(3, 1))  # same as an exact 0 (see above)
+    torch.testing.assert_close(fixed, torch.zeros(3, 1))
     parity = mean_opposite_similarity(emb, adv, index, "parity")
-    # parity: P_0 = {2} -> 0; P_1 = {2} -> 0.8; P_2 = {0, 1} -> (0 + 0.8)/2 = 0.4.
-    torch.testing.assert_close(parity, torch.tensor([[0.0], [0.8], [0.4]]))
+    torch.testing.assert_close(parity, torch.tensor([[0.3], [1.4 / 3], [0.4]]))
+    # Just above the tolerance the sign counts: P_0 = {2} -> 0; P_1 = {2} -> 0.8; P_2 = {0, 1}.
+    above = mean_opposite_similarity(emb, torch.tensor([1.0, 2 * SIGN_ZERO_TOL, -1.0]), index,
+                                     "parity")
+    torch.testing.assert_close(above, torch.tensor([[0.0], [0.8], [0.4]]))
+
+
+@pytest.mark.parametrize("residual", [2e-16, -2e-16])
+def test_parity_rounding_residual_gives_the_weights_of_an_exact_zero(residual):
+    # A member at its group mean has A = 0 by construction, but the fp64 advantages of a group
+    # whose entropy bonus does not cancel exactly leave it at ±2e-16. Its sign must not flip its
+    # partner set, and with it c̄, w and m of the whole group (docs/algorithm.md §4.2).
+    gen = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(4, 6, 3, generator=gen), dim=-1)
+    index = torch.zeros(4, dtype=torch.long)
+    exact = torch.tensor([1.2, 0.0, 0.0, -1.2])
+    noisy = torch.tensor([1.2, residual, 0.0, -1.2])
+    want = mean_opposite_similarity(emb, exact, index, "parity")
+    got = mean_opposite_similarity(emb, noisy, index, "parity")
+    assert torch.equal(got, want)
+    assert torch.equal(token_weights(got), token_weights(want))
+    assert torch.equal(kl_weights(got), kl_weights(want))
 
 
 def test_unequal_groups_raise_clear_error():

@@ -11,9 +11,9 @@ Why it stabilises (docs/algorithm.md §3): in a fully tied group every sample is
 group std is ~0, so after normalisation the tiny bonus becomes a full-size advantage that pulls the
 policy toward reference-like entropy.
 
-Everything is detached: the authors added the bonus from a tensor that still carried gradient, so
-some gradient leaked through the advantages. That leak was an accident and is not reproduced, not
-even by ``parity`` (docs/algorithm.md §2, last bullet).
+Everything is detached: rewards and advantages are constants (docs/algorithm.md §2, last bullet).
+The authors' code agrees: its per-token entropies carry gradient, but it forms the bonus with
+gradients switched off, so nothing reaches the advantages through it (docs/algorithm.md §9).
 """
 
 from __future__ import annotations

@@ -29,14 +29,16 @@ from stagerl.errors import UserError
 #: - ``parity``: P_i = { j : A_i·A_j ≤ 0 }, as in the authors' code: zero-advantage members are
 #:   partners of everyone, and i is its own partner when A_i = 0, with s_ii counted as 0 (so i adds
 #:   0 to the sum but 1 to the mean's denominator).
+#: In both, |A| ≤ ``SIGN_ZERO_TOL`` counts as A = 0.
 PARTNER_SETS = ("fixed", "parity")
 
-#: |A| at or below this counts as A = 0 in the ``fixed`` sign test. Why a tolerance: A is
-#: normalised to unit group std, and float rounding leaves a member that sits at its group mean with
-#: |A| ~ 1e-7 of arbitrary sign. Its policy-gradient term is negligible either way, but its sign
-#: would decide whom it counts as a partner (and hence its w, which enters Σw, and its m). Treating
-#: it as 0 makes that deterministic. A tied group needs no tolerance: ``group_advantages`` returns
-#: exact zeros there. ``parity`` uses the authors' exact comparisons and ignores this.
+#: |A| at or below this counts as A = 0 in the partner test of both partner sets (one rule,
+#: :func:`snap_zero`). Why a tolerance: A is normalised to unit group std, and float rounding leaves
+#: a member that sits at its group mean with a residual |A| (~2e-16 from the fp64 advantages, ~1e-8
+#: in the authors' fp32 code) of arbitrary sign. Its policy-gradient term is negligible either way,
+#: but its sign decides whom it counts as a partner, and under ``parity`` whether it is a partner of
+#: everyone: a flipped sign changes c̄, w and m of the whole group. Treating it as 0 makes that
+#: deterministic. A tied group needs no tolerance: ``group_advantages`` returns exact zeros there.
 SIGN_ZERO_TOL = 1e-6
 
 
@@ -55,6 +57,12 @@ def pairwise_similarity(emb: Tensor, group_index: Tensor) -> tuple[Tensor, Tenso
     return s, order
 
 
+def snap_zero(adv: Tensor, zero_tol: float = SIGN_ZERO_TOL) -> Tensor:
+    """``adv`` with |A| ≤ ``zero_tol`` set to exactly 0 (see ``SIGN_ZERO_TOL``); the partner tests
+    of both partner sets read the signs of this."""
+    return torch.where(adv.abs() <= zero_tol, torch.zeros_like(adv), adv)
+
+
 def partner_mask(adv: Tensor, partner_set: str,
                  zero_tol: float = SIGN_ZERO_TOL) -> tuple[Tensor, Tensor]:
     """Partner sets P_i from grouped advantages [P, G]: (in_mean [P, G, G], in_sum [P, G, G]).
@@ -62,13 +70,14 @@ def partner_mask(adv: Tensor, partner_set: str,
     ``in_mean[p, i, j]``: j counts in the denominator of i's mean; ``in_sum``: j's s_ij is summed.
     They differ only on the diagonal under ``parity`` (s_ii counted as 0).
     """
+    sign = torch.sign(snap_zero(adv, zero_tol))  # [P, G] in {-1, 0, 1}
+    product = sign[:, :, None] * sign[:, None, :]  # [P, G, G]
     if partner_set == "fixed":
-        sign = torch.sign(adv) * (adv.abs() > zero_tol)  # [P, G] in {-1, 0, 1}
-        in_mean = sign[:, :, None] * sign[:, None, :] < 0  # j = i never: sign_i² ≥ 0
+        in_mean = product < 0  # j = i never: sign_i² ≥ 0
         return in_mean, in_mean
     if partner_set == "parity":
-        # The authors' exact test on the product, zero included (no tolerance, by design).
-        in_mean = adv[:, :, None] * adv[:, None, :] <= 0
+        # The authors' test A_i·A_j ≤ 0, zero included, on the snapped advantages.
+        in_mean = product <= 0
         eye = torch.eye(adv.shape[1], dtype=torch.bool, device=adv.device)
         return in_mean, in_mean & ~eye
     raise UserError(f"unknown partner set {partner_set!r}; choose from {', '.join(PARTNER_SETS)}")
@@ -84,7 +93,7 @@ def mean_opposite_similarity(emb: Tensor, advantages: Tensor, group_index: Tenso
         advantages: [N] A_i.
         group_index: [N] group label of each sample; every group must have the same size G.
         partner_set: "fixed" or "parity" (see ``PARTNER_SETS``).
-        zero_tol: ``fixed`` only: |A| ≤ zero_tol counts as 0 (see ``SIGN_ZERO_TOL``).
+        zero_tol: |A| ≤ zero_tol counts as 0, under both partner sets (see ``SIGN_ZERO_TOL``).
 
     Returns:
         [N, L] c̄, fp32, detached. Empty P_i gives c̄ = 0 (w = 0.5, m = 1) under both partner sets.
