@@ -261,3 +261,15 @@ def test_wandb_run_gets_the_resolved_config(tmp_path, tiny_model_dir, monkeypatc
     trainer_mod.train(cfg)
     assert seen["project"] == "p" and seen["config"]["optim"]["lr"] == 1e-2
     assert seen["config"]["algo"]["loss_agg"] == "group_weighted_mean" and seen["steps"]
+
+
+def test_logged_lr_is_the_lr_each_step_used(tmp_path, tiny_model_dir):
+    # optim/lr of step k is the rate its update ran with, not the schedule's next value (which
+    # is 0 after the last step of a linear schedule).
+    cfg = _cfg(tmp_path, tiny_model_dir, "run.steps=3", "optim.schedule=linear",
+               "optim.warmup_steps=0", "log.image_every=0")
+    result = trainer_mod.train(cfg)
+    logged = [r["optim/lr"] for r in _rows(result.run_dir)]
+    schedule = trainer_mod.lr_lambda(cfg)
+    assert logged == pytest.approx([cfg.optim.lr * schedule(k) for k in range(3)])
+    assert logged[-1] > 0

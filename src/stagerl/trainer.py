@@ -129,6 +129,7 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
             ro = rollout(policy, reference, items, first, rewards, cfg,
                          seed=mix_seed(cfg.run.seed, step), train_forward=model)
         t1 = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update uses; update() steps it
         metrics = update(model, ro, optimizer, scheduler, accelerator, cfg, engine)
         t2 = time.perf_counter()
         state.step += 1
@@ -139,7 +140,7 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
         metrics = distributed.gather_metrics(accelerator, {**ro.metrics, **(metrics or {})})
         metrics.update({"perf/rollout_s": t1 - t0, "perf/update_s": t2 - t1,
                         "perf/samples_per_s": len(ro) * accelerator.num_processes / (t2 - t0),
-                        "optim/lr": scheduler.get_last_lr()[0], "train/skipped": float(skipped)})
+                        "optim/lr": lr, "train/skipped": float(skipped)})
         if step % cfg.log.every == 0 or state.step == cfg.run.steps:
             tracker.log(state.step, metrics)
         if main and cfg.log.image_every and (step % cfg.log.image_every == 0):
