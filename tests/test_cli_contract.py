@@ -612,3 +612,20 @@ def test_study_progress_is_a_bar_over_runs_on_a_terminal(monkeypatch):
     bar = made[0]
     assert len(made) == 1 and bar.total == 3 and bar.n == 1
     assert bar.postfix == "stage-s1" and bar.lines == ["planning: 3 runs"]
+
+
+@pytest.mark.parametrize("folders", [(), ("tensorboard",), ("images",), ("tensorboard", "images")])
+def test_train_summary_names_only_the_folders_the_run_has(tmp_path, capsys, folders):
+    from types import SimpleNamespace
+
+    from stagerl.cli import _print_train_result
+
+    for name in folders:
+        (tmp_path / name).mkdir()
+    result = SimpleNamespace(eval_before=None, eval_after=None, steps=1, seconds=6.0, skipped=0,
+                             run_dir=tmp_path)
+    _print_train_result(result, [])
+    out = capsys.readouterr().out
+    assert ("tensorboard/" in out) == ("tensorboard" in folders), out
+    assert ("image grids" in out) == ("images" in folders), out
+    assert str(tmp_path / "metrics.jsonl") in out

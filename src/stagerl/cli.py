@@ -150,8 +150,11 @@ def _print_train_result(result: Any, plots: list[Path]) -> None:
     print(f"finished {result.steps} steps in {result.seconds / 60:.1f} min "
           f"({result.skipped} skipped)")
     print(f"run directory: {result.run_dir}")
-    print(f"  metrics:     {result.run_dir / 'metrics.jsonl'} (+ tensorboard/)")
-    print(f"  image grids: {result.run_dir / 'images'}")
+    # name only the folders this run has (log.tensorboard, log.image_every can turn them off)
+    tb = " (+ tensorboard/)" if (result.run_dir / "tensorboard").is_dir() else ""
+    print(f"  metrics:     {result.run_dir / 'metrics.jsonl'}{tb}")
+    if (result.run_dir / "images").is_dir():
+        print(f"  image grids: {result.run_dir / 'images'}")
     print(f"  plots:       {', '.join(str(p) for p in plots)}")
     print(f"  final model: {result.run_dir / 'final'}")
 
