@@ -28,12 +28,13 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    kind: str = _f("tiny", "Policy adapter: 'tiny' (built-in shapes-world model) or 'janus' "
-                   "(Janus-Pro through transformers).", choices=policy_kinds())
+    kind: str = _f("tiny", "Policy adapter: 'tiny' (built-in shapes-world model), 'janus' "
+                   "(Janus-Pro through transformers) or 'llamagen' (LlamaGen c2i/t2i, "
+                   "docs/llamagen.md).", choices=policy_kinds())
     path: str = _f("builtin:shapes", "Checkpoint to start from: a local directory or a hub id. "
                    "'builtin:shapes' is the shipped shapes-world model under assets/shapes.")
-    tiny_random: bool = _f(False, "Janus only: build a tiny randomly initialised Janus from a config "
-                           "instead of loading `path` (for offline tests and smoke runs).")
+    tiny_random: bool = _f(False, "Janus and LlamaGen: build a tiny randomly initialised model from "
+                           "a config instead of loading `path` (for offline tests and smoke runs).")
     prompt_template: str = _f("", "Janus only: how a prompt becomes the model's text input; must "
                               "contain {prompt}. Empty = DeepSeek's chat template for Janus-Pro "
                               "('<|User|>: {prompt}\\n\\n<|Assistant|>:'). The paper's recipes use "
@@ -51,6 +52,20 @@ class ModelConfig:
     lora_target_modules: str = _f(
         r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
         "LoRA target modules: a regex over module names (default: the language model only).")
+    llamagen_type: str = _f("t2i", "LlamaGen only: 't2i' (caption through a T5 encoder) or 'c2i' "
+                            "(a class id or class name per prompt).", choices=("t2i", "c2i"))
+    llamagen_size: str = _f("XL", "LlamaGen only: GPT size as the official configs define it: B, L, "
+                            "XL, XXL or 3B (checked against the weights).",
+                            choices=("B", "L", "XL", "XXL", "3B"))
+    image_size: int = _f(256, "LlamaGen only: image side in pixels, 256, 384 or 512 (VQ-16: 16x16, "
+                         "24x24 or 32x32 tokens).")
+    vq_path: str = _f("", "LlamaGen only: the VQ-16 tokenizer weights (official .pt or "
+                      "safetensors); unused for a folder saved by stagerl.")
+    t5_path: str = _f("google/flan-t5-xl", "LlamaGen t2i only: the T5 encoder (folder or hub id) "
+                      "whose features the GPT reads; LlamaGen's t2i models use FLAN-T5-XL.")
+    class_names: str = _f("", "LlamaGen c2i only: a text file, one class per line (line i = class "
+                          "i, commas separate synonyms), so that prompts may name classes; without "
+                          "it prompts must be class ids.")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from stagerl.policies.base import Policy, PromptInputs, SampleOutput, SamplingPa
 from stagerl.policies.registry import PolicyPair, build_policy, policy_kinds, register_policy
 
 # Last: importing an adapter module runs its @register_policy.
-from stagerl.policies import janus, tiny  # noqa: E402,F401  isort: skip
+from stagerl.policies import janus, llamagen, tiny  # noqa: E402,F401  isort: skip
 
 __all__ = ["Policy", "PromptInputs", "SampleOutput", "SamplingParams", "TokenStats", "PolicyPair",
            "build_policy", "policy_kinds", "register_policy"]
