@@ -247,3 +247,19 @@ def test_trainer_moves_the_gpt_and_exports_a_loadable_model(tmp_path):
     assert moved and all(torch.equal(a, b) for a, b in
                          zip(trained.vq.state_dict().values(), start.vq.state_dict().values()))
     assert dataclasses.asdict(trained.cfg) == dataclasses.asdict(start.cfg)
+
+
+def test_recipes_load_and_name_official_files():
+    from stagerl.config import load_config
+
+    recipes = sorted((ROOT / "configs").glob("llamagen_*.yaml"))
+    assert {p.name for p in recipes} >= {"llamagen_tiny_test.yaml", "llamagen_c2i_xl_384.yaml",
+                                         "llamagen_t2i_xl_hps.yaml"}
+    for path in recipes:
+        cfg = load_config(str(path))
+        assert cfg.model.kind == "llamagen"
+        if not cfg.model.tiny_random:
+            assert cfg.model.path.endswith(".pt") and cfg.model.vq_path.endswith(".pt")
+            assert f"{cfg.model.image_size}" in cfg.model.path
+            assert f"_{cfg.model.llamagen_size}_" in cfg.model.path
+            assert cfg.model.llamagen_type in Path(cfg.model.vq_path).name

@@ -112,7 +112,7 @@ class LlamaGenPolicy(nn.Module):
             raise ValueError("a t2i LlamaGen policy needs a text encoder")
         self._lookup = {}
         for i, line in enumerate(self.class_names):
-            for name in line.split(","):
+            for name in [line] + line.split(","):  # the whole line, or any one synonym
                 self._lookup.setdefault(name.strip().lower(), i)
 
     # ---- structure -------------------------------------------------------------------------------
@@ -447,7 +447,7 @@ def tiny_random(kind: str, grid: int = 8, class_names: list[str] | None = None,
     return LlamaGenPolicy(model, vq, text, class_names)
 
 
-@register_policy("llamagen")
+@register_policy("llamagen", recognise=lambda folder: is_stagerl_dir(str(folder)))
 def build_llamagen(model_cfg: Any, need_reference: bool) -> PolicyPair:
     """Policy (+ reference) for ``model.kind: llamagen``.
 
