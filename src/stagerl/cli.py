@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +25,7 @@ from stagerl.cli_eval import (_add_eval_args, _add_sample_args, _main_process,  
                               _progress, find_config, preset_names, run_eval,
                               run_sample)
 from stagerl.cli_options import add_option_flags
+from stagerl.distributed import hard_exit
 from stagerl.errors import UserError
 from stagerl.pretrain import PretrainOptions
 from stagerl.config_schema import Config
@@ -349,6 +352,26 @@ def _quiet_deepspeed_on_cpu() -> None:
             os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def _report(line: str, distributed: bool) -> None:
+    """Print a final ``stagerl: ...`` line on stderr: once per launch, by rank 0, when several
+    processes run (each meets the same preflight error, before any collective). Every rank also
+    leaves the line in its launcher's error file (TORCHELASTIC_ERROR_FILE, set by torchrun and
+    accelerate launch), so the launcher's failure summary shows it instead of a link to its docs,
+    including for an error only one rank met (docs/janus.md, "When a launch fails")."""
+    if not distributed or _main_process():
+        print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE") if distributed else None
+    if error_file:
+        # torch.distributed.elastic's error-file layout: {"message": {"message": ..., "extraInfo":
+        # {"py_callstack": ..., "timestamp": ...}}}; its summary prints py_callstack.
+        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+        try:
+            Path(error_file).write_text(json.dumps({"message": {"message": line,
+                                                                "extraInfo": info}}))
+        except OSError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     _quiet_deepspeed_on_cpu()
@@ -358,15 +381,13 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(levelname)s %(name)s: %(message)s")
         code = args.fn(args)
     except UserError as err:
-        print(f"stagerl: error: {' '.join(str(err).split())}", file=sys.stderr)
+        _report(f"stagerl: error: {' '.join(str(err).split())}", distributed)
         code = err.exit_code
     except KeyboardInterrupt:
-        print("stagerl: interrupted", file=sys.stderr)
+        _report("stagerl: interrupted", distributed)
         code = 130
     if distributed:
         # torch + gloo can abort at interpreter exit after all work is done (docs/development.md,
-        # "Exit abort"); every output is flushed and closed by now, so skip the exit handlers.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        # "Exit abort"), and every rank ends with the same code: skip the exit handlers.
+        hard_exit(code)
     return code

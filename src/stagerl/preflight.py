@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,6 +226,22 @@ def check_data_source(source: str, seed: int, shuffle: bool) -> None:
         raise UserError(f"data.source={source}: {err}") from None
 
 
+def check_prompts_readable(model_cfg: Any, source: str) -> None:
+    """``data.source`` prompts the shapes model cannot read (no word of its vocabulary: it would
+    draw unconditional pictures and learn nothing) are refused, naming file and line."""
+    from stagerl.policies.tiny import located_prompts, prompt_vocab
+
+    vocab = prompt_vocab(model_cfg)
+    if vocab is None or source.startswith("shapes:"):
+        return
+    from stagerl.benchmarks import resolve_benchmark
+
+    try:
+        vocab.check_readable(located_prompts(resolve_benchmark(source, "prompt file")))
+    except UserError as err:
+        raise UserError(f"data.source={source}: {err}") from None
+
+
 def check_model_path(model_cfg: Any, what: str = "model.path") -> None:
     """A tiny-policy checkpoint must be an existing folder; a local Janus folder must hold a Janus
     checkpoint (a hub id is checked when it loads)."""
@@ -240,3 +258,153 @@ def check_model_path(model_cfg: Any, what: str = "model.path") -> None:
     path = resolve_model_path(str(model_cfg.path))
     if not path.is_dir():
         raise UserError(f"{what}={model_cfg.path}: no such model folder")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub checkpoints and remote services: resolved without downloading or loading anything, with one
+# short network request at most (transformers would retry a dead hub five times, ~25 s per file).
+
+NETWORK_TIMEOUT = 5.0  # seconds for one probe of the hub, a reward server or the tracker's host
+_UNREACHABLE: dict[str, str] = {}  # endpoint -> why it could not be reached (probed once per run)
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or transformers' TRANSFORMERS_OFFLINE) is set: only the cache is used."""
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+
+
+def hub_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def hub_cache_dir() -> str | None:
+    """The hub cache huggingface_hub reads (HF_HUB_CACHE, else HF_HOME/hub); None: its default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect answers the probe (the file exists); following it would cost another request."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def probe_url(url: str, method: str = "HEAD", timeout: float = NETWORK_TIMEOUT,
+              headers: dict[str, str] | None = None) -> tuple[int | None, str]:
+    """One request, no retries: (HTTP status, '') when a server answered (redirects count as
+    answers), (None, why) when none did within ``timeout`` seconds."""
+    req = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.build_opener(_NoRedirect).open(req, timeout=timeout) as resp:
+            return int(resp.status), ""
+    except urllib.error.HTTPError as err:
+        return int(err.code), str(err.reason)
+    except urllib.error.URLError as err:
+        reason = err.reason
+        text = getattr(reason, "strerror", None) or str(reason)
+        return None, "timed out" if isinstance(reason, TimeoutError) else text
+    except (TimeoutError, OSError, ValueError) as err:
+        return None, "timed out" if isinstance(err, TimeoutError) else str(err)
+
+
+def _hub_headers() -> dict[str, str]:
+    try:
+        from huggingface_hub import get_token
+
+        token = get_token()
+    except Exception:  # noqa: BLE001 - no token, or an old huggingface_hub: probe anonymously
+        token = os.environ.get("HF_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _cached_hub_file(repo: str, filename: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo, filename, cache_dir=hub_cache_dir())
+    except ValueError:  # not a valid repo id
+        return None
+    return found if isinstance(found, str) else None
+
+
+def check_hub_ref(ref: str, field: str, what: str, file: bool = False,
+                  needs: str | None = "config.json") -> None:
+    """``field`` names a local folder, a hub repo id, or (``file``) a local file or
+    ``<repo id>:<filename>``. Checked without loading: a local path must exist (a model folder
+    must hold ``needs``); a hub id must be in the hub cache, or, when HF_HUB_OFFLINE is not set,
+    be answered by the hub within :data:`NETWORK_TIMEOUT` seconds. Raises a one-line UserError
+    naming ``what`` (e.g. "reward 'geneval'"), the field, the id and the way out."""
+    path = Path(ref).expanduser()
+    if path.exists() or ref.startswith(("/", "./", "../", "~")):
+        _check_local_ref(path, ref, field, what, file, needs)
+        return
+    if file:
+        if ":" not in ref:
+            raise UserError(f"{what}: {field}={ref!r} is neither a file nor "
+                            f"'<hub repo>:<filename>'")
+        repo, filename = ref.split(":", 1)
+    else:
+        repo, filename = ref, needs or "config.json"
+    if _cached_hub_file(repo, filename) is not None:
+        return  # transformers and huggingface_hub fall back to the cached copy when offline
+    cache = hub_cache_dir() or "the default hub cache"
+    way_out = (f"download it once where the hub is reachable (hf download {repo}"
+               f"{' ' + filename if file else ''}) and run with HF_HUB_OFFLINE=1, or set {field} "
+               f"to a local {'file' if file else 'folder'}")
+    if hub_offline():
+        raise UserError(f"{what}: {field}={ref!r} is a hub id that is not in the hub cache "
+                        f"({cache}) and HF_HUB_OFFLINE=1 forbids downloading it; {way_out}")
+    endpoint = hub_endpoint()
+    why = _UNREACHABLE.get(endpoint)
+    status = None
+    if why is None:
+        status, why = probe_url(f"{endpoint}/{repo}/resolve/main/{filename}",
+                                headers=_hub_headers())
+        if status is None:
+            _UNREACHABLE[endpoint] = why
+    if status is None:
+        raise UserError(f"{what}: {field}={ref!r} is a hub id that is not in the hub cache "
+                        f"({cache}), and the hub at {endpoint} did not answer within "
+                        f"{NETWORK_TIMEOUT:g} s ({why}); {way_out}")
+    if status in (401, 403):
+        raise UserError(f"{what}: {field}={ref!r}: the hub refuses access to {repo} (HTTP "
+                        f"{status}); accept its terms on the hub and log in (hf auth login, or "
+                        f"HF_TOKEN), or set {field} to a local {'file' if file else 'folder'}")
+    if status == 404:
+        raise UserError(f"{what}: {field}={ref!r}: the hub at {endpoint} has no "
+                        f"{'file ' + repr(filename) + ' in ' if file else ''}repo {repo!r}; "
+                        f"check the name")
+
+
+def _check_local_ref(path: Path, ref: str, field: str, what: str, file: bool,
+                     needs: str | None) -> None:
+    if not path.exists():
+        raise UserError(f"{what}: {field}={ref!r} does not exist")
+    if file and not path.is_file():
+        raise UserError(f"{what}: {field}={ref!r} is a folder; give the checkpoint file")
+    if not file and not path.is_dir():
+        raise UserError(f"{what}: {field}={ref!r} is a file; give the model folder")
+    if not file and needs and not (path / needs).is_file():
+        raise UserError(f"{what}: {field}={ref!r} has no {needs}, so it is not a saved model "
+                        f"folder")
+
+
+def check_module(module: str, what: str, extra: str) -> None:
+    """An optional dependency is installed (found, not imported: importing costs seconds)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise UserError(f"{what} needs the Python package {module!r}, which is not installed; "
+                        f"pip install 'stagerl[{extra}]'")

@@ -16,6 +16,51 @@ from PIL import Image, ImageDraw, ImageFont
 log = logging.getLogger(__name__)
 
 
+WANDB_OFFLINE_MODES = ("offline", "disabled", "dryrun")
+
+
+def check_tracker(wandb: bool) -> None:
+    """Before the model loads: with ``log.wandb=true``, W&B is installed, and either runs without
+    a server (WANDB_MODE=offline or disabled) or has an API key (WANDB_API_KEY, or one stored by
+    ``wandb login``) and its server answers within a few seconds. One UserError saying how to run
+    offline; otherwise ``wandb.init`` fails only after the model loaded (no key: a traceback; no
+    network: minutes of retries)."""
+    from stagerl.errors import UserError
+    from stagerl.preflight import NETWORK_TIMEOUT, check_module, probe_url
+
+    if not wandb:
+        return
+    check_module("wandb", "log.wandb=true", "wandb")
+    offline = ("run offline with WANDB_MODE=offline (and upload later with wandb sync "
+               "<run folder>/wandb/offline-run-*), or set log.wandb=false")
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in WANDB_OFFLINE_MODES:
+        return
+    if mode and mode != "online":
+        raise UserError(f"log.wandb=true: WANDB_MODE={mode!r} is not one of online, "
+                        f"{', '.join(WANDB_OFFLINE_MODES)}")
+    base = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").rstrip("/")
+    if not os.environ.get("WANDB_API_KEY") and not _netrc_has(base):
+        raise UserError(f"log.wandb=true: no W&B API key (WANDB_API_KEY is unset and wandb login "
+                        f"stored none for {base}); run wandb login, or {offline}")
+    status, why = probe_url(base, timeout=NETWORK_TIMEOUT)
+    if status is None:
+        raise UserError(f"log.wandb=true: the W&B server {base} did not answer within "
+                        f"{NETWORK_TIMEOUT:g} s ({why}); {offline}")
+
+
+def _netrc_has(base_url: str) -> bool:
+    """``wandb login`` stores the key in the netrc file ($NETRC or ~/.netrc) under the host."""
+    import netrc
+    from urllib.parse import urlparse
+
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(urlparse(base_url).hostname or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 class Tracker:
     """Writes ``metrics.jsonl`` (one object per logged step) and TensorBoard scalars.
 

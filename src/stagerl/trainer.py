@@ -30,7 +30,7 @@ from stagerl.policies import build_policy
 from stagerl.policies.base import Policy, SamplingParams
 from stagerl.rewards.base import RewardSet
 from stagerl.rollout import Rollout, rollout
-from stagerl.tracking import Tracker, image_grid
+from stagerl.tracking import Tracker, check_tracker, image_grid
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -60,9 +60,13 @@ def preflight_train(cfg: Config) -> Path:
     folder, prompts, rewards, model path and memory. Returns the run folder (not created yet)."""
     run_dir = resolve_run_dir(cfg.run, cfg.algo.preset)
     preflight.check_data_source(cfg.data.source, cfg.run.seed, cfg.data.shuffle)
-    RewardSet(list(cfg.reward.names), dict(cfg.reward.kwargs))  # names and arguments; loads nothing
+    rewards = RewardSet(list(cfg.reward.names), dict(cfg.reward.kwargs))  # names and arguments
     preflight.check_model_path(cfg.model)
     preflight.check_training_fits(cfg)
+    # Last, as they may wait a few seconds on the network: each reward's packages, checkpoints
+    # and server (no weights load), then the tracker's login and server.
+    rewards.preflight()
+    check_tracker(cfg.log.wandb)
     return run_dir
 
 

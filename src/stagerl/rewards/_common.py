@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from stagerl.errors import UserError
+from stagerl.preflight import check_hub_ref, check_module
 from stagerl.rewards.base import RewardOutput
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class BatchedReward:
     """
 
     name = "batched"
+    requires: tuple[str, ...] = ()  # Python modules ``_load`` imports (checked by preflight)
 
     def __init__(self, batch_size: int = 16, device: str | None = "auto",
                  dtype: str | None = "float32"):
@@ -116,6 +118,24 @@ class BatchedReward:
     def _score_batch(self, images: list[Image.Image], prompts: list[str],
                      metadata: list[dict[str, Any]]) -> tuple[list[float], list[dict[str, Any]]]:
         raise NotImplementedError
+
+    def checkpoints(self) -> list[tuple[str, str, str]]:
+        """(kwarg, value, kind) of every checkpoint ``_load`` reads; kind is 'model' (a
+        transformers folder or hub id), 'processor' (one with preprocessor_config.json) or 'file'
+        (a file or ``<hub repo>:<filename>``). :meth:`preflight` resolves each one."""
+        return []
+
+    def preflight(self) -> None:
+        """Before the policy loads: the ``requires`` packages are installed and every checkpoint
+        resolves (a local path exists; a hub id is cached, or answered by the hub when it may be
+        downloaded). Loads nothing."""
+        what = f"reward {self.name!r}"
+        for module in self.requires:
+            check_module(module, what, "rewards")
+        for kwarg, ref, kind in self.checkpoints():
+            check_hub_ref(ref, f"reward.kwargs.{self.name}.{kwarg}", what, file=kind == "file",
+                          needs="preprocessor_config.json" if kind == "processor"
+                          else "config.json")
 
     # -- contract ----------------------------------------------------------------------------
     def ensure_loaded(self) -> None:

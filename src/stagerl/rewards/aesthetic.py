@@ -54,6 +54,12 @@ class AestheticReward(BatchedReward):
         self.embedder = ClipEmbedder(checkpoint, None, self.device, self.dtype, self.name)
         self.head: AestheticHead | None = None
 
+    requires = ("transformers",)
+
+    def checkpoints(self) -> list[tuple[str, str, str]]:
+        return [("head_checkpoint", self.head_checkpoint, "file"),
+                ("checkpoint", self.embedder.checkpoint, "model")]
+
     def _load(self) -> None:
         sd = load_state_dict(resolve_file(self.head_checkpoint, self.name), self.name)
         self.embedder.load()

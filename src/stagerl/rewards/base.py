@@ -11,6 +11,12 @@ logs such events instead of crashing or silently using 0.
 
 Rewards register by name with :func:`register_reward` and are built from config with
 :func:`build_reward`. Heavy models load lazily, on first call.
+
+A reward may also define ``preflight()``: it checks, without loading any weights, that what the
+reward needs is there (its optional packages, its checkpoints on disk or in the hub cache, its
+server) and raises :class:`UserError` naming the reward and the way out.
+:meth:`RewardSet.preflight` calls it before the policy loads; rewards built on
+``stagerl.rewards._common.BatchedReward`` get it by declaring ``requires`` and ``checkpoints()``.
 """
 
 from __future__ import annotations
@@ -146,6 +152,14 @@ class RewardSet:
         check_reward_kwargs(kwargs, list(names))
         self.names = list(names)
         self.fns = [build_reward(n, **dict(kwargs.get(n) or {})) for n in self.names]
+
+    def preflight(self) -> None:
+        """Each reward's optional ``preflight()`` hook (packages, checkpoints, servers), in order;
+        the first problem is a UserError. Loads no weights."""
+        for fn in self.fns:
+            hook = getattr(fn, "preflight", None)
+            if callable(hook):
+                hook()
 
     def __call__(self, images: list[Image.Image], prompts: list[str],
                  metadata: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:

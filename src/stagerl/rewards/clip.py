@@ -85,6 +85,13 @@ class _ClipReward(BatchedReward):
         proc = processor or (None if checkpoint else self.default_processor)
         self.embedder = ClipEmbedder(ckpt, proc, self.device, self.dtype, self.name)
 
+    requires = ("transformers",)
+
+    def checkpoints(self) -> list[tuple[str, str, str]]:
+        e = self.embedder
+        return [("checkpoint", e.checkpoint, "model")] + (
+            [("processor", e.processor_id, "processor")] if e.processor_id != e.checkpoint else [])
+
     def _load(self) -> None:
         self.embedder.load()
 

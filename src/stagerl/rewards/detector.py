@@ -228,6 +228,12 @@ class GenEvalReward(BatchedReward):
         self.colors = ColorClassifier(ClipEmbedder(color_checkpoint, None, self.device,
                                                    self.dtype, self.name))
 
+    requires = ("transformers",)
+
+    def checkpoints(self) -> list[tuple[str, str, str]]:
+        return [("checkpoint", self.detector.checkpoint, "model"),
+                ("color_checkpoint", self.colors.embedder.checkpoint, "model")]
+
     @property
     def backend(self) -> str:
         return f"{self.detector.kind or 'detector'}:{self.detector.checkpoint}"

@@ -390,6 +390,11 @@ class GroundingReward(BatchedReward):
         self.detector = ObjectDetector(checkpoint, self.device, self.dtype, self.name,
                                        self.box_threshold, text_threshold)
 
+    requires = ("transformers",)
+
+    def checkpoints(self) -> list[tuple[str, str, str]]:
+        return [("checkpoint", self.detector.checkpoint, "model")]
+
     def _load(self) -> None:
         self.detector.load()
         if not self.detector.open_vocabulary:

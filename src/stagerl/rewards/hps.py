@@ -82,6 +82,11 @@ class HpsReward(BatchedReward):
         self.preprocess: Any = None
         self.tokenizer: Any = None
 
+    requires = ("open_clip",)
+
+    def checkpoints(self) -> list[tuple[str, str, str]]:
+        return [("checkpoint", self.checkpoint, "file")]
+
     def _load(self) -> None:
         open_clip = require("open_clip", self.name)
         path = resolve_file(self.checkpoint, self.name)  # fail fast, before building the model

@@ -106,6 +106,8 @@ class OcrReward(BatchedReward):
         self.det_limit_side_len = int(det_limit_side_len)
         self._engine: Any = None
 
+    requires = ("rapidocr",)
+
     def _load(self) -> None:
         rapidocr = require("rapidocr", self.name)
         # No text-angle classifier, as Flow-GRPO (use_angle_cls=False): rendered prompts are

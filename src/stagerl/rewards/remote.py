@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from stagerl.errors import UserError
+from stagerl.preflight import NETWORK_TIMEOUT
 from stagerl.rewards.base import RewardOutput, register_reward
 from stagerl.rewards.server import jsonable
 
@@ -152,10 +153,36 @@ class RemoteReward:
                 json.JSONDecodeError, http.client.HTTPException, OSError) as e:
             raise _Retryable(f"{type(e).__name__}: {e}") from e
 
-    def health(self) -> dict[str, Any]:
+    def health(self, timeout: float | None = None) -> dict[str, Any]:
         """The server's /health answer (served rewards and limits)."""
-        with urllib.request.urlopen(f"{self.url}/health", timeout=self.timeout) as resp:
+        with urllib.request.urlopen(f"{self.url}/health",
+                                    timeout=self.timeout if timeout is None else timeout) as resp:
             return json.loads(resp.read())
+
+    def preflight(self) -> None:
+        """Before the policy loads: a reward server answers /health at ``url`` within a few
+        seconds (one attempt, no retries) and serves every reward in ``rewards``."""
+        timeout = min(self.timeout, NETWORK_TIMEOUT)
+        try:
+            served = self.health(timeout)["rewards"]
+        except urllib.error.HTTPError as e:
+            raise UserError(f"reward 'remote': {self.url}/health answered HTTP {e.code}; is "
+                            f"reward.kwargs.remote.url a stagerl reward-server?") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            why = getattr(getattr(e, "reason", None), "strerror", None) or \
+                getattr(e, "reason", None) or e
+            raise UserError(f"reward 'remote': no reward server answered at {self.url} within "
+                            f"{timeout:g} s ({why}); start one there (stagerl reward-server "
+                            f"--rewards {','.join(self.names)}) or fix "
+                            f"reward.kwargs.remote.url") from None
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"reward 'remote': {self.url}/health did not answer as a stagerl "
+                            f"reward-server; check reward.kwargs.remote.url") from None
+        missing = [n for n in self.names if n not in served]
+        if missing:
+            raise UserError(f"reward 'remote': the server at {self.url} serves "
+                            f"{', '.join(served) or 'no rewards'}, not {', '.join(missing)}; "
+                            f"fix reward.kwargs.remote.rewards or restart the server with them")
 
 
 def _error_text(e: urllib.error.HTTPError) -> str:

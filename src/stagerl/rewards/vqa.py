@@ -98,6 +98,11 @@ class GitVqaReward(BatchedReward):
         self.processor: Any = None
         self.yes_no: tuple[int, int] = (0, 0)
 
+    requires = ("transformers",)
+
+    def checkpoints(self) -> list[tuple[str, str, str]]:
+        return [("checkpoint", self.checkpoint, "model")]
+
     def _load(self) -> None:
         tf = require("transformers", self.name)
         self.processor = tf.AutoProcessor.from_pretrained(self.checkpoint)
