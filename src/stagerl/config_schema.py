@@ -168,7 +168,10 @@ class RunConfig:
     name: str = _f("", "Run folder inside run.out_dir; empty = '<algo.preset>-seed<run.seed>' "
                    "(e.g. stage-seed0). A folder that already holds a run is refused unless "
                    "run.resume=true (--resume); the name cannot lead outside run.out_dir.")
-    resume: bool = _f(False, "Continue from the latest complete checkpoint in the run directory.")
+    resume: bool = _f(False, "Continue from the latest complete checkpoint in the run directory; "
+                      "a run folder without one is an error (see run.resume_or_start).")
+    resume_or_start: bool = _f(False, "With run.resume=true: start from step 0 when the run folder "
+                               "holds no complete checkpoint, instead of stopping with an error.")
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).", min=0)
     max_consecutive_skips: int = _f(3, "Stop after this many consecutive skipped (non-finite) steps.",
                                     min=1)
