@@ -43,7 +43,7 @@ def test_unknown_preset_names_the_choices():
     with pytest.raises(KeyError) as err:
         get_preset("stage2")
     assert err.value.args[0] == ("unknown preset 'stage2'; choose from vanilla_grpo, plus_ent, "
-                                 "stage, wo_kl, wo_ent_kl")
+                                 "stage, wo_kl, wo_ent_kl, dr_grpo, gcpo")
 
 
 def test_presets_load_through_the_config():

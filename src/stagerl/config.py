@@ -365,6 +365,7 @@ def _check_rules(cfg: Config) -> None:
                              f"no other {{...}} fields, got {template!r}")
     if not 0 <= cfg.run.seed < 2 ** 63:
         raise FieldError("run.seed", f"expected a value in [0, 2**63), got {cfg.run.seed}")
+    _check_algo_rules(cfg.algo)
     if cfg.log.eval_suite not in suite_names():
         raise FieldError("log.eval_suite", f"unknown shapes suite {cfg.log.eval_suite!r}; "
                          f"choose from {', '.join(suite_names())}")
@@ -392,6 +393,25 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def _check_algo_rules(a: Any) -> None:
+    """The peer methods' combinations that have no meaning (docs/algorithm.md §10, §11)."""
+    if a.token_select == "gcpo":
+        stage = [f"algo.{k}=true" for k in ("reweight", "kl_reweight") if getattr(a, k)]
+        if a.partner_set != "fixed":
+            stage.append(f"algo.partner_set={a.partner_set}")
+        if stage:
+            raise FieldError("algo.token_select", f"gcpo (algo.preset=gcpo) selects its own tokens "
+                             f"and cannot take STAGE's token weights ({', '.join(stage)}); use "
+                             "reweight=false, kl_reweight=false, partner_set=fixed")
+    if a.ratio_level == "sequence":
+        per_token = [k for k, on in (("algo.reweight", a.reweight),
+                                     ("algo.token_select=gcpo", a.token_select == "gcpo")) if on]
+        if per_token:
+            raise FieldError("algo.ratio_level", f"'sequence' gives every token of a sequence one "
+                             f"ratio, so per-token weights ({', '.join(per_token)}) lose their "
+                             "meaning; use ratio_level=token or turn them off")
+
+
 def needs_reference(cfg: Config) -> bool:
-    """A reference policy is needed for the KL term or the entropy reward."""
-    return cfg.algo.beta > 0 or cfg.algo.entropy_reward != "off"
+    """A reference policy is needed for the KL term, the entropy reward or GCPO's κ."""
+    return cfg.algo.beta > 0 or cfg.algo.entropy_reward != "off" or cfg.algo.token_select == "gcpo"

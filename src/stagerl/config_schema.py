@@ -11,9 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from stagerl.algo.advantages import ADV_SCALES
 from stagerl.algo.entropy import ENTROPY_MODES
 from stagerl.algo.kl import KL_ESTIMATORS
-from stagerl.algo.losses import LOSS_AGGREGATIONS
+from stagerl.algo.losses import LOSS_AGGREGATIONS, RATIO_LEVELS
 from stagerl.algo.weights import PARTNER_SETS
 from stagerl.data import EVAL_SEED
 from stagerl.policies import policy_kinds
@@ -120,8 +121,9 @@ class RewardConfig:
 @dataclass
 class AlgoConfig:
     preset: Optional[str] = _f("stage", "Ablation row of the paper's Table 4 (docs/algorithm.md §7): "
-                               "vanilla_grpo, plus_ent, stage, wo_kl, wo_ent_kl, or null to set "
-                               "every switch by hand. Explicit fields override the preset.")
+                               "vanilla_grpo, plus_ent, stage, wo_kl, wo_ent_kl; or a peer "
+                               "method: gcpo (docs/algorithm.md §11), dr_grpo (§10); or null to "
+                               "set every switch by hand. Explicit fields override the preset.")
     partner_set: str = _f("fixed", "Partner set P_i of the similarity reweighting "
                           "(docs/algorithm.md §4.2): 'fixed' = the opposite-sign members; 'parity' "
                           "= the authors' code (zero-advantage members count, and i itself when "
@@ -145,6 +147,28 @@ class AlgoConfig:
                                        min=0.0)
     clip_eps_high: Optional[float] = _f(None, "PPO ratio clip epsilon_high; null = epsilon_low.",
                                         min=0.0)
+    adv_scale: str = _f("group", "Advantage denominator (TRL's scale_rewards, docs/algorithm.md "
+                        "§10): 'group' = std of the prompt group + eps, 'batch' = one std over "
+                        "the local batch + eps, 'none' = no division (Dr. GRPO).",
+                        choices=ADV_SCALES)
+    ratio_level: str = _f("token", "Importance ratio (TRL's importance_sampling_level, "
+                          "docs/algorithm.md §10): 'token' = exp(l - l_old) per token, "
+                          "'sequence' = exp of its mean over the sequence (GSPO). 'sequence' "
+                          "cannot take per-token weights (algo.reweight, algo.token_select).",
+                          choices=RATIO_LEVELS)
+    kl_bias_correction: bool = _f(False, "Multiply each token's KL by its importance ratio "
+                                  "(TRL's use_bias_correction_kl, docs/algorithm.md §10). "
+                                  "With one update per rollout rho = 1 but its gradient is not 0, "
+                                  "so the KL gradient changes.")
+    token_select: str = _f("all", "Tokens that carry the loss (docs/algorithm.md §11): 'all', or "
+                           "'gcpo' = GCPO's critical tokens with its dynamic advantage weight "
+                           "(set by algo.preset=gcpo; needs a reference, no STAGE weights).",
+                           choices=("all", "gcpo"))
+    gcpo_frac: float = _f(0.1, "GCPO: fraction f of the L tokens in each of its three sets "
+                          "(causal, entropy gradient, diversity; docs/algorithm.md §11).",
+                          min=0.0, max=1.0 / 3)
+    gcpo_kappa_clip: float = _f(0.5, "GCPO: c in the dynamic advantage weight, the running mean "
+                                "of exp(clip(l - l_ref, -c, c)) (docs/algorithm.md §11).", min=0.0)
 
 
 @dataclass

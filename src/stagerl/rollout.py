@@ -141,7 +141,8 @@ def rollout(policy: Policy, reference: Policy | None, items: list[PromptItem], f
     columns, valid, _ = rewards(images, prompts, metadata)
     t3 = time.perf_counter()
     scores = score_rollout(columns, valid, group_index, code_emb, entropy, ref_ent, cfg,
-                           rewards.names, [md.get("tag") for md in metadata])
+                           rewards.names, [md.get("tag") for md in metadata],
+                           logp=old_lp, ref_logp=ref_lp)
     ro = Rollout(prompts, metadata, group_index, inputs, tokens, old_lp, entropy, ref_lp, ref_ent,
                  code_emb, images, valid, scores, metrics=dict(scores.metrics))
     if gap is not None:
@@ -155,8 +156,12 @@ def rollout(policy: Policy, reference: Policy | None, items: list[PromptItem], f
 
 def score_rollout(columns: torch.Tensor, valid: torch.Tensor, group_index: torch.Tensor,
                   code_emb: torch.Tensor, entropy: torch.Tensor, ref_entropy: torch.Tensor | None,
-                  cfg: Config, names: list[str], tags: list[str | None]) -> Scores:
+                  cfg: Config, names: list[str], tags: list[str | None],
+                  logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None) -> Scores:
     """Rewards -> R_i -> A_i -> c̄, w, m -> loss coefficients (docs/algorithm.md §2-§5). Pure.
+
+    ``logp`` / ``ref_logp`` [N, L] (rollout and reference log-probs) are read by GCPO's dynamic
+    advantage weight only (``algo.token_select=gcpo``, docs/algorithm.md §11).
 
     ``columns`` [N, K] raw rewards, ``valid`` [N, K], ``group_index`` [N], ``code_emb`` [N, L, D],
     ``entropy`` / ``ref_entropy`` [N, L]. The reward arithmetic runs in fp64: an entropy bonus of
@@ -187,13 +192,25 @@ def score_rollout(columns: torch.Tensor, valid: torch.Tensor, group_index: torch
                                            mode=a.entropy_reward, coef=a.entropy_coef)
         metrics["reward/entropy_bonus_abs"] = float(bonus.abs().mean())
     total = torch.where(silenced, torch.zeros_like(total), total)
-    adv = algo.group_advantages(total, gi, eps=a.adv_eps)
+    adv = algo.group_advantages(total, gi, eps=a.adv_eps, scale=a.adv_scale)
     adv = torch.where(silenced, torch.zeros_like(adv), adv).float()
     c_bar = algo.mean_opposite_similarity(code_emb, adv, gi, partner_set=a.partner_set)
     w, m = algo.loss_weights(c_bar, reweight=a.reweight, kl_reweight=a.kl_reweight,
                              group_tied=comb.group_tied, silenced=silenced,
                              entropy_reward_on=entropy_on)
-    coef = algo.loss_coefficients(w, agg=a.loss_agg, group_index=gi)
+    if a.token_select == "gcpo":  # GCPO's critical tokens carry the loss (docs/algorithm.md §11)
+        if logp is None or ref_logp is None:
+            raise ValueError("algo.token_select=gcpo needs the rollout and reference log-probs")
+        sel = algo.gcpo_token_mask(entropy, code_emb, gi, frac=a.gcpo_frac)
+        kappa = algo.dynamic_advantage_weight(logp.to(device), ref_logp.to(device),
+                                              clip=a.gcpo_kappa_clip)
+        w = sel.float()  # STAGE's weights are off under GCPO (config rule): w = the selection
+        coef, m = algo.gcpo_weights(w, kappa, algo.loss_coefficients(w, agg=a.loss_agg,
+                                                                     group_index=gi))
+        metrics["algo/gcpo_selected_frac"] = float(sel.float().mean())
+        metrics["algo/gcpo_kappa_mean"] = float((kappa * sel).sum() / sel.sum().clamp(min=1))
+    else:
+        coef = algo.loss_coefficients(w, agg=a.loss_agg, group_index=gi)
     scores = Scores(cols.float(), total.float(), adv, c_bar, w, m, coef, metrics)
     metrics.update(_reward_metrics(scores, names, valid, comb.group_tied | silenced, tags))
     metrics["policy/entropy"] = float(entropy.mean())

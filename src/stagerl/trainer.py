@@ -267,7 +267,8 @@ def micro_batch_loss(model: torch.nn.Module, ro: Rollout, idx: torch.Tensor, cfg
                            ref_logp=ref, kl_weights=ro.kl_weights[idx], beta=a.beta,
                            kl_estimator=a.kl_estimator, clip_eps_low=a.clip_eps_low,
                            clip_eps_high=a.clip_eps_high, coefficients=ro.scores.loss_coef[idx],
-                           num_tokens=float(ro.tokens.numel()))
+                           num_tokens=float(ro.tokens.numel()), ratio_level=a.ratio_level,
+                           kl_bias_correction=a.kl_bias_correction)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,26 +18,31 @@ Where each symbol of docs/algorithm.md lives:
 | KL_k1 / KL_k2 / KL_k3                    | kl.kl_divergence                  | §6   |
 | β Σ m·KL / tokens                        | losses.kl_loss                    | §6   |
 | L = L_pg + β·KL                          | losses.stage_loss                 | §5, §6 |
-| Table 4 rows                             | presets.PRESETS                   | §7   |
+| Table 4 rows; peer rows (dr_grpo, gcpo)  | presets.PRESETS, PEER_PRESETS     | §7, §10, §11 |
+| ρ per token / per sequence (GSPO)        | losses.importance_ratio           | §10  |
+| GCPO selection, κ, (c, m)                | gcpo.gcpo_token_mask, dynamic_advantage_weight, gcpo_weights | §11 |
 """
 
-from stagerl.algo.advantages import CombinedRewards, combine_rewards, group_advantages
+from stagerl.algo.advantages import (ADV_SCALES, CombinedRewards, combine_rewards,
+                                     group_advantages)
+from stagerl.algo.gcpo import dynamic_advantage_weight, gcpo_token_mask, gcpo_weights
 from stagerl.algo.entropy import ENTROPY_MODES, entropy_gap, entropy_reward, entropy_score
 from stagerl.algo.kl import KL_ESTIMATORS, kl_divergence, register_kl_estimator
-from stagerl.algo.losses import (LOSS_AGGREGATIONS, kl_loss, loss_coefficients, policy_loss,
-                                 register_loss_agg, stage_loss)
-from stagerl.algo.presets import PRESETS, get_preset
+from stagerl.algo.losses import (LOSS_AGGREGATIONS, RATIO_LEVELS, importance_ratio, kl_loss,
+                                 loss_coefficients, policy_loss, register_loss_agg, stage_loss)
+from stagerl.algo.presets import PEER_PRESETS, PRESETS, get_preset
 from stagerl.algo.weights import (PARTNER_SETS, SIGN_ZERO_TOL, apply_tied_rule, kl_weights,
                                   loss_weights, mean_opposite_similarity, pairwise_similarity,
                                   partner_mask, token_weights)
 
 __all__ = [
-    "CombinedRewards", "combine_rewards", "group_advantages",
+    "ADV_SCALES", "CombinedRewards", "combine_rewards", "group_advantages",
+    "dynamic_advantage_weight", "gcpo_token_mask", "gcpo_weights",
     "ENTROPY_MODES", "entropy_gap", "entropy_reward", "entropy_score",
     "KL_ESTIMATORS", "kl_divergence", "register_kl_estimator",
-    "LOSS_AGGREGATIONS", "kl_loss", "loss_coefficients", "policy_loss", "register_loss_agg",
-    "stage_loss",
-    "PRESETS", "get_preset",
+    "LOSS_AGGREGATIONS", "RATIO_LEVELS", "importance_ratio", "kl_loss", "loss_coefficients",
+    "policy_loss", "register_loss_agg", "stage_loss",
+    "PEER_PRESETS", "PRESETS", "get_preset",
     "PARTNER_SETS", "SIGN_ZERO_TOL", "apply_tied_rule", "kl_weights", "loss_weights",
     "mean_opposite_similarity", "pairwise_similarity", "partner_mask", "token_weights",
 ]

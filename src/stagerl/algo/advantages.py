@@ -3,7 +3,9 @@
 - R_i = Σ_k w_k · r_{k,i}, over the reward columns k kept for sample i's group;
 - a column whose values are identical within a group (std ≤ 1e-6) is dropped for that group before
   summing (the authors' ``mask_pos_neg`` in their GenEval/OCR runs);
-- A_i = (R_i − mean_g R) / (std_g R + ε), unbiased std, ε = 1e-4, per prompt group g.
+- A_i = (R_i − mean_g R) / (std_g R + ε), unbiased std, ε = 1e-4, per prompt group g;
+  ``scale`` (TRL's ``scale_rewards``, docs/algorithm.md §10) swaps the denominator: "group" (above),
+  "batch" (std_B R + ε, one unbiased std over the whole batch) or "none" (no division, Dr. GRPO).
 
 Rewards and advantages are constants: every output here is detached (docs/algorithm.md §2, last bullet).
 
@@ -70,13 +72,21 @@ def combine_rewards(rewards: Tensor, group_index: Tensor, weights: Tensor | None
     return CombinedRewards(total=total, kept=kept, group_tied=group_tied)
 
 
-def group_advantages(rewards: Tensor, group_index: Tensor, eps: float = 1e-4) -> Tensor:
+#: Denominators of the advantage (TRL's ``scale_rewards`` values; docs/algorithm.md §10).
+ADV_SCALES = ("group", "batch", "none")
+
+
+def group_advantages(rewards: Tensor, group_index: Tensor, eps: float = 1e-4,
+                     scale: str = "group") -> Tensor:
     """A_i = (R_i − mean_g R) / (std_g R + ε), unbiased std, per group (docs/algorithm.md §2).
 
     Args:
         rewards: [N] combined rewards R_i (entropy bonus already added where used).
         group_index: [N] group label of each sample, any labels and order.
         eps: ε in the denominator (authors: 1e-4).
+        scale: "group" (the above), "batch" (divide by the unbiased std of R over all N samples,
+            + ε) or "none" (R_i − mean_g R, no division: Dr. GRPO, arXiv 2503.20783). The idea
+            and the names are TRL's ``GRPOConfig.scale_rewards`` (docs/algorithm.md §10).
 
     Returns:
         [N] advantages A_i, detached. A group whose rewards are all equal gets A = 0 *exactly*
@@ -85,6 +95,13 @@ def group_advantages(rewards: Tensor, group_index: Tensor, eps: float = 1e-4) ->
     rewards = as_float(rewards)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be [N], got shape {tuple(rewards.shape)}")
+    if scale not in ADV_SCALES:
+        raise ValueError(f"unknown advantage scale {scale!r}; choose from {', '.join(ADV_SCALES)}")
     g = groups_of(group_index, rewards.numel())
     centred, std = group_centered_std(rewards, g)
+    if scale == "none":
+        return centred
+    if scale == "batch":
+        # one std over the batch; a batch of one sample has none (0), as in TRL
+        std = rewards.std().expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
     return centred / (std + eps)

@@ -19,7 +19,11 @@
   - ``seq_mean``: the mean over sequences of each sequence's token mean (the original GRPO);
   - ``constant`` (Dr. GRPO, arXiv 2503.20783): −Σ w A ρ / (N · C), C = ``constant_normalizer``
     or L, so that the loss scale does not depend on how many tokens a batch holds.
-- KL term: β · Σ m·KL / (number of tokens), m the KL weights (docs/algorithm.md §6).
+- KL term: β · Σ m·KL / (number of tokens), m the KL weights (docs/algorithm.md §6). With
+  ``kl_bias_correction`` each token's KL is multiplied by ρ (TRL's ``use_bias_correction_kl``:
+  the tokens were sampled from π_old, not π_θ; docs/algorithm.md §10).
+- ratio level (TRL's ``importance_sampling_level``, GSPO, arXiv 2507.18071): "token" (above) or
+  "sequence", ρ_i = exp(Σ_t m(ℓ − ℓ^old) / Σ_t m), one ratio per sequence shared by its tokens.
 
 Token weights w, KL weights m and advantages A are constants (detached); the gradient flows through
 ℓ only. Metrics are plain floats, gathered with a single device sync.
@@ -126,11 +130,36 @@ def _mask_of(like: Tensor, mask: Optional[Tensor]) -> Tensor:
     return mask.bool()
 
 
+#: Importance-ratio levels (TRL's ``importance_sampling_level``; docs/algorithm.md §10).
+RATIO_LEVELS = ("token", "sequence")
+
+
+def importance_ratio(logp: Tensor, old_logp: Tensor, mask: Optional[Tensor] = None,
+                     level: str = "token") -> Tensor:
+    """ρ [N, L]: exp(ℓ − ℓ^old) per token, or per sequence (GSPO) broadcast over its tokens.
+
+    "sequence": ρ_i = exp(Σ_t m_{i,t}(ℓ − ℓ^old)_{i,t} / max(Σ_t m_{i,t}, 1)), the length-normalised
+    log-ratio of TRL's ``importance_sampling_level="sequence"`` (docs/algorithm.md §10). The
+    gradient flows through ℓ; ℓ^old is detached.
+    """
+    if level not in RATIO_LEVELS:
+        raise UserError(f"unknown ratio level {level!r}; choose from {', '.join(RATIO_LEVELS)}")
+    real = _mask_of(logp, mask)
+    log_ratio = torch.where(real, logp.float() - old_logp.detach().float(),
+                            torch.zeros_like(logp, dtype=torch.float32))  # [N, L]
+    if level == "sequence":
+        m = real.float()
+        seq = log_ratio.sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1.0)
+        log_ratio = seq.expand_as(log_ratio)  # [N, L], one value per row
+    return torch.exp(log_ratio)
+
+
 def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor,
                  token_weights: Optional[Tensor], clip_eps_low: Optional[float],
                  clip_eps_high: Optional[float], agg: str, mask: Optional[Tensor],
                  constant_normalizer: Optional[float], group_index: Optional[Tensor],
-                 coefficients: Optional[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+                 coefficients: Optional[Tensor], ratio_level: str = "token",
+                 ratio: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
     if clip_eps_low is None and clip_eps_high is not None:
         raise UserError("clip_eps_high is set but clip_eps_low is not; set clip_eps_low to clip")
     if logp.shape != old_logp.shape or logp.dim() != 2:
@@ -146,7 +175,8 @@ def _policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor,
                          f"{tuple(coefficients.shape)}")
     adv = advantages.detach().float()
     adv = adv[:, None] if adv.dim() == 1 else adv  # [N, 1] (or [N, L] per-token advantages)
-    ratio = torch.exp(logp.float() - old_logp.detach().float())  # [N, L] ρ
+    if ratio is None:
+        ratio = importance_ratio(logp, old_logp, real, ratio_level)  # [N, L] ρ
     surrogate = adv * ratio  # [N, L] A·ρ
     clipped = torch.zeros_like(real)
     if clip_eps_low is not None:
@@ -177,27 +207,31 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor,
                 token_weights: Optional[Tensor] = None, *, clip_eps_low: Optional[float] = None,
                 clip_eps_high: Optional[float] = None, agg: str = "group_weighted_mean",
                 mask: Optional[Tensor] = None, constant_normalizer: Optional[float] = None,
-                group_index: Optional[Tensor] = None,
-                coefficients: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
+                group_index: Optional[Tensor] = None, coefficients: Optional[Tensor] = None,
+                ratio_level: str = "token") -> tuple[Tensor, dict[str, float]]:
     """L_pg from ℓ [N, L], ℓ^old [N, L], A [N] and token weights w [N, L] (docs/algorithm.md §5).
 
     ``clip_eps_low`` = None disables clipping; ``clip_eps_high`` defaults to ``clip_eps_low``.
     ``token_weights`` = None means w = 1. ``group_index`` [N] labels the groups for
     ``group_weighted_mean`` (None = the batch is one group). ``coefficients`` [N, L], when given,
     replace (w, agg, group_index): pass a slice of :func:`loss_coefficients` computed on the whole
-    batch to get a micro-batch's exact share of the full-batch loss. Returns (scalar loss, metrics:
+    batch to get a micro-batch's exact share of the full-batch loss. ``ratio_level`` "sequence"
+    uses one ratio per sequence (:func:`importance_ratio`). Returns (scalar loss, metrics:
     clip_frac, ratio_mean, ratio_max, ratio_min, approx_kl).
     """
     loss, metrics = _policy_loss(logp, old_logp, advantages, token_weights, clip_eps_low,
                                  clip_eps_high, agg, mask, constant_normalizer, group_index,
-                                 coefficients)
+                                 coefficients, ratio_level)
     return loss, _floats(metrics)
 
 
 def _kl_loss(kl: Tensor, kl_weights: Optional[Tensor], beta: float, mask: Optional[Tensor],
-             num_tokens: Optional[float]) -> tuple[Tensor, dict[str, Tensor]]:
+             num_tokens: Optional[float],
+             ratio: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
     real = _mask_of(kl, mask)
     kl = torch.where(real, kl.float(), torch.zeros_like(kl, dtype=torch.float32))  # [N, L] KL
+    if ratio is not None:  # bias correction: ρ·KL, the gradient flows through ρ as well
+        kl = kl * torch.where(real, ratio, torch.zeros_like(ratio))
     mask_f = real.float()
     m = mask_f if kl_weights is None else kl_weights.detach().float() * mask_f  # [N, L] m
     n_tok = mask_f.sum().clamp(min=1.0)
@@ -230,8 +264,12 @@ def stage_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, *,
                agg: str = "group_weighted_mean", mask: Optional[Tensor] = None,
                constant_normalizer: Optional[float] = None,
                group_index: Optional[Tensor] = None, coefficients: Optional[Tensor] = None,
-               num_tokens: Optional[float] = None) -> tuple[Tensor, dict[str, float]]:
+               num_tokens: Optional[float] = None, ratio_level: str = "token",
+               kl_bias_correction: bool = False) -> tuple[Tensor, dict[str, float]]:
     """L = L_pg + β · Σ m·KL / tokens, with namespaced metrics (docs/algorithm.md §5, §6).
+
+    ``ratio_level`` and ``kl_bias_correction`` are TRL's options (docs/algorithm.md §10): one
+    ratio per sequence, and the KL of each token multiplied by its ratio ρ.
 
     The trainer's loss: it calls this with ``coefficients`` and ``num_tokens`` of the whole
     rollout, sliced per micro-batch. ``ref_logp`` [N, L] is needed when β > 0; when given with
@@ -241,15 +279,17 @@ def stage_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, *,
     """
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probs)")
+    ratio = importance_ratio(logp, old_logp, mask, ratio_level)  # [N, L] ρ
     pg, pg_metrics = _policy_loss(logp, old_logp, advantages, token_weights, clip_eps_low,
                                   clip_eps_high, agg, mask, constant_normalizer, group_index,
-                                  coefficients)
+                                  coefficients, ratio_level, ratio)
     metrics = {f"policy/{k}": v for k, v in pg_metrics.items()}
     total = pg
     kl_term = pg.new_zeros(())
     if ref_logp is not None:
         kl = kl_divergence(logp, ref_logp, kl_estimator)  # [N, L]
-        kl_term, kl_metrics = _kl_loss(kl, kl_weights, beta, mask, num_tokens)
+        kl_term, kl_metrics = _kl_loss(kl, kl_weights, beta, mask, num_tokens,
+                                       ratio if kl_bias_correction else None)
         # kl/mean and kl/m_mean are left out: the rollout logs policy/kl_k3 and algo/m_mean, and
         # one name per quantity keeps the metric list of docs/design.md §9 short.
         metrics.update({f"kl/{k}": kl_metrics[k] for k in ("weighted_mean", "max")})
