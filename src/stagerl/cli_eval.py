@@ -176,17 +176,30 @@ def _build_eval_policy(cfg: Config, weights: Path | None) -> Any:
 
 
 def _load_weights(policy: Policy, path: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Load a ``checkpoints/step_N`` folder's weights (``path``: the folder or a file in it) into
+    ``policy``, whatever engine saved them (stagerl.checkpoint.consolidated_state_dict). A LoRA
+    checkpoint holds the adapters only: the base weights are the ones ``policy`` was built with."""
+    from stagerl.checkpoint import consolidated_state_dict, read_run_info
 
-    if not path.is_file():
-        raise UserError(f"{path.parent}: no model.safetensors (a sharded checkpoint is exported "
-                        f"only at the end of training, as final/)")
+    folder = path if path.is_dir() else path.parent
     try:
-        policy.load_state_dict(load_file(str(path)))
-    except (SafetensorError, RuntimeError, OSError) as err:
+        state = consolidated_state_dict(folder)
+    except (RuntimeError, OSError, ValueError) as err:  # safetensors' errors are ValueErrors
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{path}: cannot load these weights ({first})") from None
+        raise UserError(f"{folder}: cannot read these weights ({first})") from None
+    adapters_only = bool((read_run_info(folder) or {}).get("lora"))
+    try:
+        missing, unexpected = policy.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{folder}: cannot load these weights ({first})") from None
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    lost = [k for k in missing if not adapters_only or k in trainable]
+    if unexpected or lost:
+        what = (f"{len(unexpected)} weights the model does not have (e.g. {unexpected[0]})"
+                if unexpected else f"no {lost[0]} (and {len(lost) - 1} more missing)")
+        raise UserError(f"{folder}: these weights do not fit the model its config.yaml "
+                        f"builds: {what}")
 
 
 def _sampling_params(cfg: Config, cfg_scale: float | None) -> Any:

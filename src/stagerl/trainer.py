@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stagerl import algo, distributed, preflight
+from stagerl import checkpoint
 from stagerl.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint, resolve_run_dir,
                                 save_checkpoint)
 from stagerl.config import Config, needs_reference, to_yaml
@@ -59,6 +60,7 @@ def preflight_train(cfg: Config) -> Path:
     """Everything :func:`train` would otherwise find wrong only after loading the model: the run
     folder, prompts, rewards, model path and memory. Returns the run folder (not created yet)."""
     run_dir = resolve_run_dir(cfg.run, cfg.algo.preset)
+    checkpoint.check_resume(cfg, run_dir)  # a checkpoint to resume, loadable by this launch
     preflight.check_data_source(cfg.data.source, cfg.run.seed, cfg.data.shuffle)
     rewards = RewardSet(list(cfg.reward.names), dict(cfg.reward.kwargs))  # names and arguments
     preflight.check_model_path(cfg.model)
@@ -88,6 +90,8 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
         raise UserError("model: no trainable parameters (check model.train_modules / model.lora)")
     accelerator = distributed.make_accelerator(cfg, engine,
                                                prompts_local * cfg.sampling.group_size)
+    # every machine sees the run folder, or every rank stops here, before the engine starts
+    checkpoint.check_shared_run_dir(accelerator, run_dir, cfg.run.out_dir)
     model, optimizer, base_optimizer = distributed.prepare(
         accelerator, engine, policy,
         lambda params: torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -96,6 +100,8 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
     # it once per process per call in multi-process runs.
     scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(cfg))
     accelerator.register_for_checkpointing(scheduler)
+    save_kwargs = checkpoint.adapter_only_checkpoints(accelerator, engine) if cfg.model.lora \
+        else {}
     policy = distributed.unwrap(accelerator, model)
     if reference is not None:
         reference.to(accelerator.device)
@@ -105,14 +111,17 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
     # --- run directory, resume -----------------------------------------------------------------
     state = TrainerState()
     ckpt_root = run_dir / "checkpoints"
-    if cfg.run.resume and (ckpt := latest_checkpoint(ckpt_root)) is not None:
-        state = load_checkpoint(accelerator, ckpt)
+    ckpt = checkpoint.agreed_resume_point(accelerator, ckpt_root) if cfg.run.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(accelerator, ckpt, engine, adapters_only=bool(cfg.model.lora))
         log.info("resumed from %s (step %d)", ckpt, state.step)
-    elif cfg.run.resume:
+    elif cfg.run.resume:  # run.resume_or_start (checkpoint.check_resume)
         log.warning("run.resume=true but no complete checkpoint in %s; starting fresh", ckpt_root)
     main = accelerator.is_main_process
+    info = checkpoint.current_run_info(cfg)  # engine, world size, precision, LoRA
     if main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        checkpoint.write_run_info(run_dir, info)
     tracker = Tracker(run_dir, cfg.log.tensorboard, cfg.log.wandb, cfg.log.wandb_project,
                       config=dataclasses.asdict(cfg), enabled=main)  # W&B records the config
     eval_before = _evaluate(cfg, policy, accelerator, tracker, state.step, "before", progress) \
@@ -154,7 +163,8 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
                 and state.step < cfg.run.steps:
             _evaluate(cfg, policy, accelerator, tracker, state.step, f"step{state.step}")
         if cfg.run.save_every and state.step % cfg.run.save_every == 0:
-            save_checkpoint(accelerator, ckpt_root, state, to_yaml(cfg))
+            save_checkpoint(accelerator, ckpt_root, state, to_yaml(cfg), info=info,
+                            save_kwargs=save_kwargs)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics.get('reward/total/mean', float('nan')):.3f}",
@@ -164,7 +174,8 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
 
     # --- the end: checkpoint, export, evaluate ---------------------------------------------------
     if latest_checkpoint(ckpt_root) != ckpt_root / f"step_{state.step:06d}":
-        save_checkpoint(accelerator, ckpt_root, state, to_yaml(cfg))
+        save_checkpoint(accelerator, ckpt_root, state, to_yaml(cfg), info=info,
+                        save_kwargs=save_kwargs)
     _export(accelerator, engine, model, policy, run_dir / "final")
     eval_after = _evaluate(cfg, policy, accelerator, tracker, state.step, "after", progress)
     tracker.close()
@@ -279,6 +290,7 @@ def _run_dir(cfg: Config) -> Path:
     """``run.out_dir / run.name``, checked (inside out_dir, writable, no other run there unless
     resuming; stagerl.checkpoint.resolve_run_dir), then created."""
     path = resolve_run_dir(cfg.run, cfg.algo.preset)
+    checkpoint.check_resume(cfg, path)  # also for callers of train() without the preflight
     path.mkdir(parents=True, exist_ok=True)
     return path
 
