@@ -99,6 +99,19 @@ def test_a_hub_file_reward_names_its_file(empty_hub, monkeypatch):
     assert "HF_HUB_OFFLINE=1" in msg
 
 
+def test_a_janus_hub_id_is_checked_like_a_reward_checkpoint(empty_hub, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = SimpleNamespace(kind="janus", path="deepseek-community/Janus-Pro-1B", tiny_random=False)
+    with pytest.raises(UserError) as info:
+        preflight.check_model_path(model)
+    msg = _one_line(info.value)
+    assert "model.path='deepseek-community/Janus-Pro-1B'" in msg and "HF_HUB_OFFLINE=1" in msg
+    _cache(empty_hub, model.path, {"config.json": '{"model_type": "janus"}'})
+    preflight.check_model_path(model)
+
+
 def test_a_local_model_folder_must_be_a_saved_model(tmp_path):
     (tmp_path / "clip").mkdir()
     kwargs = {"clip_score": {"checkpoint": str(tmp_path / "clip")}}

@@ -244,12 +244,15 @@ def check_prompts_readable(model_cfg: Any, source: str) -> None:
 
 def check_model_path(model_cfg: Any, what: str = "model.path") -> None:
     """A tiny-policy checkpoint must be an existing folder; a local Janus folder must hold a Janus
-    checkpoint (a hub id is checked when it loads)."""
+    checkpoint, and a Janus hub id must be in the hub cache or answered by the hub
+    (:func:`check_hub_ref`; its model type is checked when it loads)."""
     if getattr(model_cfg, "kind", "tiny") == "janus":
         if not getattr(model_cfg, "tiny_random", False):
             from stagerl.policies.janus import check_janus_checkpoint
 
             check_janus_checkpoint(str(model_cfg.path), what)
+            if not Path(str(model_cfg.path)).expanduser().exists():
+                check_hub_ref(str(model_cfg.path), what, "model")
         return
     if getattr(model_cfg, "kind", "tiny") != "tiny":
         return
