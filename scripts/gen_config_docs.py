@@ -46,6 +46,13 @@ overrides of an option (`n=2`). `set` in `eval`/`sample` overrides the model's t
 (`--set sampling.temperature=0.9`)."""
 
 
+def cell(text: object) -> str:
+    """``text`` for one cell of a markdown table: a literal ``|`` would end the cell, so it is
+    escaped as ``\\|``, which renders as ``|`` in text and in code spans alike (GitHub-flavoured
+    markdown); a newline would end the row."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def render() -> str:
     lines = [HEADER]
     section = None
@@ -54,13 +61,13 @@ def render() -> str:
         if sec != section:
             lines += ["", f"## `{sec}`", "", "| field | default | meaning |", "|---|---|---|"]
             section = sec
-        lines.append(f"| `{key}` | `{default}` | {help_.replace('|', '/')} |")
+        lines.append(f"| `{key}` | `{cell(default)}` | {cell(help_)} |")
     lines += ["", "# Other commands", "", OTHER]
     for command, cls in COMMANDS:
         lines += ["", f"## `stagerl {command}`", "", "| option | default | meaning |",
                   "|---|---|---|"]
         for key, default, help_ in options_help(cls):
-            lines.append(f"| `{key}` | `{default}` | {help_.replace('|', '/')} |")
+            lines.append(f"| `{key}` | `{cell(default)}` | {cell(help_)} |")
     return "\n".join(lines) + "\n"
 
 
