@@ -62,6 +62,13 @@ CASES: list[tuple[str, list[str], str]] = [
     ("log_eval_suite_bogus", ["train", "log.eval_suite=bogus"], "log.eval_suite"),
     ("choice_bad", ["train", "algo.kl_estimator=k9"], "algo.kl_estimator"),
     ("precision_bad", ["train", "run.mixed_precision=fp8"], "run.mixed_precision"),
+    ("fp16_on_cpu", ["train", "run.mixed_precision=fp16", "run.cpu=true"],
+     "run.mixed_precision: fp16 needs a GPU (run.cpu=true)"),
+    ("warmup_longer_than_run", ["train", "optim.warmup_steps=5", "run.steps=2"],
+     "optim.warmup_steps: 5 warmup steps are more than the run's run.steps=2"),
+    ("prompt_template_mangled", ["train", "model.kind=janus",
+                                 'model.prompt_template="</User/>: {prompt}"'],
+     "model.prompt_template: '</User/>' is not a Janus role tag"),
     ("preset_unknown", ["train", "algo.preset=nope"], "algo.preset"),
     ("unknown_key", ["train", "algo.betta=0.1"], "Did you mean 'algo.beta'"),
     ("unknown_section", ["train", "algoo.beta=0.1"], "Did you mean 'algo'"),
@@ -86,6 +93,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("yaml_type_line", ["train", "{fx}/type.yaml"], "type.yaml:2: run.steps"),
     ("yaml_not_mapping", ["train", "{fx}/list.yaml"], "mapping of sections"),
     ("yaml_binary", ["train", "{fx}/bin.yaml"], "bin.yaml: not a UTF-8"),
+    ("yaml_empty", ["train", "{fx}/blank.yaml"], "blank.yaml: the file holds no settings"),
     # --- train: rewards, prompts, model, run folder ---------------------------------------------
     ("reward_unknown", ["train", "reward.names=[shapes_strictt]"], "shapes_strictt"),
     ("reward_kwargs_other_name", ["train", "reward.kwargs={shapes_strictt: {canvas: 32}}"],
@@ -98,6 +106,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("data_missing", ["train", "data.source=no/such/prompts.txt"], "no/such/prompts.txt"),
     ("data_split_unknown", ["train", "data.source=shapes:bogus"], "bogus"),
     ("data_malformed_line", ["train", "data.source={fx}/bad.jsonl"], "bad.jsonl:2"),
+    ("data_geneval_line_without_include", ["train", "data.source={fx}/geneval_partial.jsonl"],
+     "geneval_partial.jsonl:2: no 'include' field"),
     ("data_empty", ["train", "data.source={fx}/empty.txt"], "empty.txt: prompt file holds no"),
     ("model_missing", ["train", "model.path=/nonexistent/ckpt"], "/nonexistent/ckpt"),
     ("model_truncated", ["train", "model.path={fx}/trunc"], "trunc"),
@@ -245,6 +255,10 @@ def _build_fixtures(fx: Path, tiny: Path) -> None:
     (fx / "unknown.yaml").write_text("algo:\n  beta: 0.1\nrun:\n  stepz: 3\n")
     (fx / "type.yaml").write_text("run:\n  steps: abc\n")
     (fx / "list.yaml").write_text("- a\n- b\n")
+    (fx / "blank.yaml").write_text("# settings to come\n")
+    (fx / "geneval_partial.jsonl").write_text(
+        '{"prompt": "a red circle", "tag": "colors", "include": [{"class": "circle", "count": 1}]}'
+        '\n{"prompt": "a blue square", "tag": "colors"}\n')
     trunc = fx / "trunc"
     trunc.mkdir()
     for f in tiny.iterdir():
@@ -629,3 +643,25 @@ def test_train_summary_names_only_the_folders_the_run_has(tmp_path, capsys, fold
     assert ("tensorboard/" in out) == ("tensorboard" in folders), out
     assert ("image grids" in out) == ("images" in folders), out
     assert str(tmp_path / "metrics.jsonl") in out
+
+
+def test_report_warns_once_about_a_step_logged_twice_and_plots_the_later_row(tmp_path, caplog):
+    from stagerl.cli import main
+    from stagerl.report import series
+    from stagerl.tracking import read_metrics
+
+    rows = [{"step": 1, "reward/total/mean": 0.1}, {"step": 2, "reward/total/mean": 0.2},
+            {"step": 2, "eval/overall": 0.5},  # an evaluation row of a step: normal, no warning
+            {"step": 1, "reward/total/mean": 0.9}, {"step": 2, "reward/total/mean": 0.8}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING"):
+        assert main(["report", str(tmp_path)]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "(1, 2)" in warnings[0] and "later row" in warnings[0], warnings
+    assert series(read_metrics(tmp_path), "reward/total/mean") == ([1, 2], [0.9, 0.8])
+    # one row per step and metric (the training row, then an evaluation row): no warning
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["report", str(tmp_path)]) == 0
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -48,3 +48,32 @@ def test_prompt_files(tmp_path):
     (tmp_path / "e.txt").write_text("\n")
     with pytest.raises(UserError, match="no prompts"):
         build_source(str(tmp_path / "e.txt"), seed=0)
+
+
+GENEVAL_LINE = '{"prompt": "a red circle", "tag": "colors", "include": [{"class": "circle", "count": 1}]}'
+
+
+@pytest.mark.parametrize("second,missing", [
+    ('{"prompt": "a blue square", "tag": "colors"}', "'include'"),
+    ('{"prompt": "a blue square", "include": [{"class": "square", "count": 1}]}', "'tag'"),
+    ('{"prompt": "a blue square"}', "'tag' or 'include'"),
+])
+def test_geneval_style_file_checks_every_line_at_load(tmp_path, second, missing):
+    # A line without GenEval metadata would otherwise only fail (or score nothing) when drawn.
+    f = tmp_path / "g.jsonl"
+    f.write_text(f"{GENEVAL_LINE}\n\n{second}\n")
+    with pytest.raises(UserError, match=rf"g\.jsonl:3: no {missing} field"):
+        load_prompt_file(f)
+    arr = tmp_path / "g.json"
+    arr.write_text(f"[{GENEVAL_LINE}, {second}]")
+    with pytest.raises(UserError, match=rf"g\.json: item 2: no {missing} field"):
+        load_prompt_file(arr)
+
+
+def test_files_without_geneval_clauses_need_no_tag_or_include(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a red circle", "tag": "colors"}\n{"prompt": "a blue square"}\n')
+    assert [it.prompt for it in load_prompt_file(f)] == ["a red circle", "a blue square"]
+    whole = tmp_path / "whole.jsonl"
+    whole.write_text(f"{GENEVAL_LINE}\n{GENEVAL_LINE}\n")
+    assert len(load_prompt_file(whole)) == 2

@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     path, overrides = _split_config_args(args.config)
     if args.resume:
         overrides.append("run.resume=true")
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, overrides, train=True)
     run_dir = preflight_train(cfg)
     if cfg.run.resume and _main_process():
         print(_resume_line(run_dir, cfg.run.steps), flush=True)

@@ -209,6 +209,9 @@ def _load_yaml(path: str) -> _Layer:
         raise UserError(f"{path}: not a valid config: {str(err).splitlines()[0]}") from None
     if not isinstance(cfg, DictConfig):
         raise UserError(f"{path}: a config file must be a mapping of sections")
+    if not len(cfg):  # an empty file (or only comments) would silently run on the defaults
+        raise UserError(f"{path}: the file holds no settings (it is empty or only comments); "
+                        f"give settings in it, or leave the file out to use the defaults")
     return layer
 
 
@@ -261,9 +264,11 @@ def _checked(obj: Any, layers: list[_Layer], check: Any = None) -> Any:
     return obj
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, *,
+                train: bool = False) -> Config:
     """Defaults <- preset <- YAML file <- dotted overrides; validated. Raises UserError; errors in a
-    YAML file name its line."""
+    YAML file name its line. ``train=True`` (``stagerl train``) adds the rules that only a training
+    run needs (:func:`_check_train_rules`), which a config read back for eval does not."""
     layers = _layers(Config, path, overrides)
     merged = _merge(layers)
     preset = merged.algo.preset
@@ -279,7 +284,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         merged = _merge([_Layer(f"preset {preset}", {"algo": row})] + layers)
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     _normalise(cfg)
-    return _checked(cfg, layers, _check_rules)
+    return _checked(cfg, layers, _check_train_rules if train else _check_rules)
 
 
 T = typing.TypeVar("T")
@@ -363,12 +368,37 @@ def _check_rules(cfg: Config) -> None:
         if not ok:
             raise FieldError("model.prompt_template", f"expected a template with {{prompt}} and "
                              f"no other {{...}} fields, got {template!r}")
+        mangled = re.search(r"</(\w+)/>", template)
+        if mangled:  # a copy of an old docs/config.md, which printed <|User|> as </User/>
+            raise FieldError("model.prompt_template", f"{mangled.group(0)!r} is not a Janus role "
+                             f"tag; the tags are written with pipes: '<|{mangled.group(1)}|>' "
+                             f"(got {template!r})")
     if not 0 <= cfg.run.seed < 2 ** 63:
         raise FieldError("run.seed", f"expected a value in [0, 2**63), got {cfg.run.seed}")
     _check_algo_rules(cfg.algo)
     if cfg.log.eval_suite not in suite_names():
         raise FieldError("log.eval_suite", f"unknown shapes suite {cfg.log.eval_suite!r}; "
                          f"choose from {', '.join(suite_names())}")
+
+
+def _check_train_rules(cfg: Config) -> None:
+    """:func:`_check_rules`, and the rules of a training run (``load_config(train=True)``)."""
+    _check_rules(cfg)
+    if cfg.optim.warmup_steps > cfg.run.steps:
+        raise FieldError("optim.warmup_steps", f"{cfg.optim.warmup_steps} warmup steps are more "
+                         f"than the run's run.steps={cfg.run.steps}, so the learning rate would "
+                         f"never reach optim.lr; use at most {cfg.run.steps}")
+    if cfg.run.mixed_precision == "fp16" and (cfg.run.cpu or not _has_gpu()):
+        where = "run.cpu=true" if cfg.run.cpu else "no GPU is visible"
+        raise FieldError("run.mixed_precision", f"fp16 needs a GPU ({where}): on the CPU "
+                         f"accelerate has no fp16 autocast and would train in fp32 without a "
+                         f"word; use bf16 (CPU autocast) or no")
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 def _normalise(cfg: Config) -> None:

@@ -169,8 +169,28 @@ def _prompt_item(obj: Any, where: str) -> PromptItem:
     return PromptItem(obj["prompt"], obj)
 
 
+#: The fields every line of a GenEval-style prompt file carries (the detector reward and the
+#: per-tag summary read them).
+GENEVAL_KEYS = ("tag", "include")
+
+
+def _check_geneval_lines(items: list[PromptItem], wheres: list[str]) -> list[PromptItem]:
+    """A file in which any line carries GenEval's ``include`` clauses is a GenEval-style file:
+    every line must then carry ``tag`` and ``include``, checked here at load rather than when a
+    reward first draws the line mid-run."""
+    if not any("include" in it.metadata for it in items):
+        return items
+    for it, where in zip(items, wheres):
+        missing = [k for k in GENEVAL_KEYS if k not in it.metadata]
+        if missing:
+            raise UserError(f"{where}: no {' or '.join(repr(k) for k in missing)} field, but "
+                            f"other lines carry GenEval metadata; every line needs "
+                            f"{' and '.join(repr(k) for k in GENEVAL_KEYS)}")
+    return items
+
+
 def _read_jsonl(text: str, name: str) -> list[PromptItem]:
-    items = []
+    items, wheres = [], []
     for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -179,7 +199,8 @@ def _read_jsonl(text: str, name: str) -> list[PromptItem]:
         except json.JSONDecodeError as err:
             raise UserError(f"{name}:{i}: malformed JSON ({err.msg})") from None
         items.append(_prompt_item(obj, f"{name}:{i}"))
-    return items
+        wheres.append(f"{name}:{i}")
+    return _check_geneval_lines(items, wheres)
 
 
 def _read_json_array(text: str, name: str) -> list[PromptItem]:
@@ -189,7 +210,8 @@ def _read_json_array(text: str, name: str) -> list[PromptItem]:
         raise UserError(f"{name}:{err.lineno}: malformed JSON ({err.msg})") from None
     if not isinstance(objs, list):
         raise UserError(f"{name}: expected a JSON array of objects or one object a line")
-    return [_prompt_item(obj, f"{name}: item {k + 1}") for k, obj in enumerate(objs)]
+    wheres = [f"{name}: item {k + 1}" for k in range(len(objs))]
+    return _check_geneval_lines([_prompt_item(obj, w) for obj, w in zip(objs, wheres)], wheres)
 
 
 def _read_csv(text: str, name: str) -> list[PromptItem]:

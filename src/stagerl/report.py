@@ -1,13 +1,17 @@
 """``stagerl report RUN_DIR``: PNG plots of a run's metrics.jsonl (matplotlib, headless). A torn
-last line of metrics.jsonl (a kill during a write) is dropped."""
+last line of metrics.jsonl (a kill during a write) is dropped. A metric logged twice for one step
+(two runs' files joined, say) is plotted from the later row, with one warning naming the steps."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 from stagerl.errors import UserError
 from stagerl.tracking import read_metrics
+
+log = logging.getLogger(__name__)
 
 # (file name, title, [(metric key, label)])
 PLOTS = [
@@ -19,8 +23,25 @@ PLOTS = [
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-    return [p[0] for p in pts], [float(p[1]) for p in pts]
+    """(steps, values) of ``key``, one point per step, in step order; a later row of the same step
+    wins (see :func:`repeated_steps`)."""
+    pts = {r["step"]: r[key] for r in rows if r.get(key) is not None}
+    steps = sorted(pts)
+    return steps, [float(pts[s]) for s in steps]
+
+
+def repeated_steps(rows: list[dict]) -> list[int]:
+    """Steps for which some metric appears in more than one row. One step normally has several
+    rows (the training row, then an evaluation's), but never the same metric twice."""
+    seen: set[tuple[int, str]] = set()
+    repeated: set[int] = set()
+    for r in rows:
+        for key in r:
+            if key != "step":
+                if (r["step"], key) in seen:
+                    repeated.add(r["step"])
+                seen.add((r["step"], key))
+    return sorted(repeated)
 
 
 def _ema(ys: list[float], alpha: float = 0.15) -> list[float]:
@@ -54,6 +75,11 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     rows = read_metrics(run_dir)
     if not rows:
         raise UserError(f"{run_dir}: no metrics.jsonl with rows (is this a run directory?)")
+    repeated = repeated_steps(rows)
+    if repeated:
+        shown = ", ".join(map(str, repeated[:10])) + (" ..." if len(repeated) > 10 else "")
+        log.warning("%s: %d step(s) logged more than once (%s); plotting the later row of each",
+                    run_dir / "metrics.jsonl", len(repeated), shown)
     out_dir = run_dir / "plots"
     out_dir.mkdir(exist_ok=True)
     written = []
