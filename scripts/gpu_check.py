@@ -10,6 +10,9 @@ On one CUDA GPU, in a few minutes, it:
    1B's widths and vocabularies but 2 layers (random weights; real weights cannot be fetched here);
 3. measures peak GPU memory of one rollout and one update for a Janus with the 7B's widths and
    vocabularies but 2 layers, bf16.
+4. LlamaGen: times its CFG sampler and measures one rollout and one optimizer update for a
+   LlamaGen-T2I with GPT-XL's widths but 2 layers, the VQ-16 decoder and a random one-layer T5 of
+   FLAN-T5-XL's width, bf16 (docs/llamagen.md).
 It writes one JSON file (``--out``). Without a CUDA device it prints one line and exits 0.
 ``--dry-run`` runs every phase on the CPU at toy sizes (fp32, one engine), so that the script is
 exercised by ``make test`` and cannot rot.
@@ -167,6 +170,62 @@ def measure_memory(dry: bool, device: str) -> dict:
                                      for p in policy.parameters()) / 2**30, 2)}
 
 
+def llamagen_check(dry: bool, device: str) -> dict:
+    """Phase 4: LlamaGen-T2I at XL widths, 2 layers: sampler speed, rollout and update memory."""
+    from stagerl.policies.base import SamplingParams
+    from stagerl.policies.llamagen import sized_llamagen
+
+    size, dtype = ("toy", torch.float32) if dry else ("XL", torch.bfloat16)
+    policy = sized_llamagen(size, "t2i", layers=2, dtype=dtype, device=device)
+    optimizer = torch.optim.AdamW([p for p in policy.model.parameters()], lr=1e-6)
+    prompts = ["a red circle", "two blue squares", "a photo of a cat", "a bench"]
+    state: dict = {}
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def peak(fn) -> float | None:
+        if device != "cuda":
+            fn()
+            return None
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        sync()
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+    def rollout() -> None:
+        inputs = policy.encode_prompts(prompts * 2)  # one group of G = 8
+        with torch.no_grad():
+            out = policy.sample(inputs, SamplingParams(cfg_scale=7.5),
+                                generator=torch.Generator(device=device).manual_seed(0))
+            policy.decode(out.tokens)
+        state["inputs"], state["tokens"] = inputs, out.tokens
+
+    def update() -> None:
+        stats = policy(state["inputs"], state["tokens"], chunk_size=64)
+        (-stats.logprobs.mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    inputs = policy.encode_prompts(prompts)
+    with torch.no_grad():
+        policy.sample(inputs, SamplingParams(cfg_scale=7.5))  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        policy.sample(inputs, SamplingParams(cfg_scale=7.5))
+        sync()
+        seconds = time.perf_counter() - t0
+    n_tokens = len(prompts) * policy.num_image_tokens
+    rollout_gib = peak(rollout)
+    update_gib = peak(update)
+    return {"model": f"LlamaGen-T2I {size} widths, 2 layers, {str(dtype)[6:]}, G = 8",
+            "tokens": n_tokens, "sampler_tokens_per_s": round(n_tokens / seconds, 1),
+            "rollout_peak_gib": rollout_gib, "update_peak_gib": update_gib,
+            "updated": all(torch.isfinite(p).all() for p in policy.model.parameters())}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu_check.json", help="JSON file to write")
@@ -189,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         report["engines"] = run_engines(engines, args.dry_run, Path(tmp))
     report["sampler"] = time_sampler(args.dry_run, device)
     report["memory"] = measure_memory(args.dry_run, device)
+    report["llamagen"] = llamagen_check(args.dry_run, device)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

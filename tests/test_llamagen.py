@@ -263,3 +263,14 @@ def test_recipes_load_and_name_official_files():
             assert f"{cfg.model.image_size}" in cfg.model.path
             assert f"_{cfg.model.llamagen_size}_" in cfg.model.path
             assert cfg.model.llamagen_type in Path(cfg.model.vq_path).name
+
+
+def test_gpu_check_llamagen_phase_runs_dry_on_cpu():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    report = gpu_check.llamagen_check(dry=True, device="cpu")
+    assert report["sampler_tokens_per_s"] > 0 and report["updated"] is True
+    assert report["tokens"] == 4 * 16 and report["rollout_peak_gib"] is None

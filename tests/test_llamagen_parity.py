@@ -53,7 +53,9 @@ def policies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     SIZES["_toy"] = (GPT["n_layer"], GPT["n_head"], GPT["dim"])
     try:
         for kind in ("c2i", "t2i"):
-            torch.save({"model": _weights(f"{kind}.")}, root / f"{kind}.pt")
+            gpt = _weights(f"{kind}.")
+            gpt["freqs_cis"] = torch.zeros(3, 2)  # a computed table older official files carry
+            torch.save({"model": gpt}, root / f"{kind}.pt")
             cfg = SimpleNamespace(llamagen_type=kind, llamagen_size="_toy", image_size=64,
                                   path=str(root / f"{kind}.pt"), vq_path=str(root / "vq.pt"),
                                   t5_path="", class_names="")

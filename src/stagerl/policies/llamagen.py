@@ -468,9 +468,8 @@ def build_llamagen(model_cfg: Any, need_reference: bool) -> PolicyPair:
     policy.model.gradient_checkpointing = bool(model_cfg.gradient_checkpointing)
     if model_cfg.lora:
         if not policy.is_lora:
-            from stagerl.config_schema import ModelConfig
-
-            default = ModelConfig.__dataclass_fields__["lora_target_modules"].default
+            field = getattr(type(model_cfg), "__dataclass_fields__", {}).get("lora_target_modules")
+            default = getattr(field, "default", None)  # the schema's default names Janus' modules
             pattern = (LORA_TARGETS if model_cfg.lora_target_modules == default
                        else model_cfg.lora_target_modules)
             try:
@@ -510,3 +509,28 @@ def _merge_lora(model: LlamaGenGPT) -> None:
             with torch.no_grad():
                 plain.weight.copy_(m.merged_weight())
             setattr(model.get_submodule(parent_name), child, plain)
+
+
+def sized_llamagen(size: str, kind: str, layers: int, image_size: int = 256,
+                   dtype: torch.dtype = torch.float32, device: str = "cpu") -> LlamaGenPolicy:
+    """A random LlamaGen with the widths of an official size but ``layers`` blocks, the real VQ-16
+    architecture and (t2i) a one-layer random T5 of FLAN-T5-XL's width: what ``make gpu-check``
+    times and measures (real weights cannot be fetched there). ``size="toy"`` = the tiny model."""
+    if size == "toy":
+        return tiny_random(kind, grid=4).to(device=device, dtype=dtype)
+    cfg = gpt_config_for(size, kind, image_size, n_layer=layers)
+    model = LlamaGenGPT(cfg)
+    nn.init.normal_(model.output.weight, std=0.02)
+    text = None
+    if kind == "t2i":
+        from transformers import T5Config, T5EncoderModel
+
+        from stagerl.policies.janus_tiny import build_tiny_tokenizer
+
+        tok = build_tiny_tokenizer()
+        t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=cfg.caption_dim, d_kv=64,
+                                     d_ff=5120, num_layers=1, num_heads=32,
+                                     pad_token_id=tok.pad_token_id))
+        text = TextEncoder(t5.to(device=device, dtype=dtype), tok, None)
+    policy = LlamaGenPolicy(model, VQModel(VQConfig()), text)
+    return policy.to(device=device, dtype=dtype)

@@ -25,6 +25,9 @@ _GPT_KEYS = ("tok_embeddings.weight", "layers.0.attention.wqkv.weight", "norm.we
              "output.weight")
 _VQ_KEYS = ("quantize.embedding.weight", "decoder.conv_in.weight", "post_quant_conv.weight")
 _VQ_IGNORED = ("quantize.codebook_used",)  # a training-time usage counter, not a weight
+# Computed tables some official checkpoints carry (LlamaGen's own loader skips them with
+# strict=False): the rotary table, the causal mask, sampling caches.
+_GPT_IGNORED = re.compile(r"^(freqs_cis|causal_mask)$|\.kv_cache\.")
 
 
 def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
@@ -86,7 +89,10 @@ def gpt_facts(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def check_gpt(sd: dict[str, torch.Tensor], path: str, model_type: str, size: str) -> dict[str, Any]:
-    """Refuse a file that is not a LlamaGen GPT of the configured conditioning and size."""
+    """Refuse a file that is not a LlamaGen GPT of the configured conditioning and size (and drop
+    the computed tables some official files carry)."""
+    for key in [k for k in sd if _GPT_IGNORED.search(k)]:
+        del sd[key]
     missing = [k for k in _GPT_KEYS if k not in sd]
     facts = gpt_facts(sd) if not missing else {}
     if missing or facts["model_type"] is None:
