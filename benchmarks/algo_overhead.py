@@ -16,6 +16,9 @@ An A/A control, (a) timed a second time in the same loop, shows how much of the 
 (b)/(a) ratio is machine noise; the extras are also timed alone, which is the precise number.
 (c) the batched c̄ (one einsum) against a loop in the shape of the authors' code: Python loops over
     i, j with a per-pair cosine over the L positions.
+(d) GCPO (docs/algorithm.md §11) timed in the same interleaved loop as (a) and (b): (a) plus its
+    token selection (causal ∪ entropy gradient ∪ diversity), κ, and the coefficients (c, m); and
+    those extras timed alone, whose ratio to (a) is the precise number (goal ≤ 3 %).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout
 
 from stagerl.algo import (combine_rewards, entropy_reward, group_advantages,  # noqa: E402
-                          kl_weights, mean_opposite_similarity, stage_loss, token_weights)
+                          kl_weights, mean_opposite_similarity, stage_loss, token_weights,
+                          dynamic_advantage_weight, gcpo_token_mask, gcpo_weights,
+                          loss_coefficients)
 
 
 def make_inputs(g: int, length: int, dim: int, vocab: int, seed: int = 0) -> dict:
@@ -90,6 +95,23 @@ def stage_extras_alone(x: dict, entropy_mean: torch.Tensor, rewards: torch.Tenso
     c_bar = mean_opposite_similarity(x["emb"], adv, gi, "fixed")
     tied = torch.zeros_like(gi, dtype=torch.bool)
     return token_weights(c_bar, tied, True) + kl_weights(c_bar, tied, True)
+
+
+def gcpo_extras_alone(x: dict, entropy: torch.Tensor, logp: torch.Tensor) -> tuple:
+    """Only what GCPO adds to (a): the selection, κ and the coefficients (c, m)."""
+    sel = gcpo_token_mask(entropy, x["emb"], x["group_index"], frac=0.1).float()
+    kappa = dynamic_advantage_weight(logp, x["ref_logp"], clip=0.5)
+    return gcpo_weights(sel, kappa, loss_coefficients(sel, agg="batch_weighted_mean"))
+
+
+def gcpo(x: dict) -> torch.Tensor:
+    logp, entropy = logp_and_entropy(x["logits"], x["tokens"])
+    combined = combine_rewards(x["rewards"], x["group_index"])
+    adv = group_advantages(combined.total, x["group_index"])
+    c, m = gcpo_extras_alone(x, entropy.detach(), logp.detach())
+    loss, _ = stage_loss(logp, logp.detach(), adv, ref_logp=x["ref_logp"], kl_weights=m,
+                         beta=0.04, coefficients=c, num_tokens=float(logp.numel()))
+    return loss
 
 
 def ref_entropy_extra(x: dict) -> float:
@@ -150,12 +172,15 @@ def main() -> None:
     x = make_inputs(g, length, dim, vocab)
 
     with torch.no_grad():
-        entropy_mean = logp_and_entropy(x["logits"], x["tokens"])[1].mean(1)  # [G] H̄
+        logp0, entropy0 = logp_and_entropy(x["logits"], x["tokens"])  # [G, L] ℓ, H
+        entropy_mean = entropy0.mean(1)  # [G] H̄
     total = combine_rewards(x["rewards"], x["group_index"]).total
     # "control" is (a) again: its ratio to (a) shows how much of (b)/(a) is machine noise.
     times = time_interleaved({"vanilla": lambda: vanilla(x), "stage": lambda: stage(x),
                               "control": lambda: vanilla(x),
-                              "extras": lambda: stage_extras_alone(x, entropy_mean, total)},
+                              "extras": lambda: stage_extras_alone(x, entropy_mean, total),
+                              "gcpo": lambda: gcpo(x),
+                              "gcpo_extras": lambda: gcpo_extras_alone(x, entropy0, logp0)},
                              args.repeats)
     med = {name: statistics.median(t) for name, t in times.items()}
     ref_h = statistics.median(ref_entropy_extra(x) for _ in range(5))
@@ -172,6 +197,13 @@ def main() -> None:
           f"{paired_ratio(times, 'vanilla', 'stage'):.4f} (median of paired repeats); A/A control (a)/(a): "
           f"{paired_ratio(times, 'vanilla', 'control'):.4f}")
     print(f"extras alone / (a) = {100 * med['extras'] / med['vanilla']:+.3f} %  (goal <= +3 %)")
+    print("\n(d) GCPO, same loop: (a) + selection, kappa, (c, m)")
+    print(f"{'(d) GCPO end to end':<44}{med['gcpo'] * 1e3:>12.2f}")
+    print(f"{'    GCPO extras timed alone':<44}{med['gcpo_extras'] * 1e3:>12.2f}")
+    print(f"ratio (d)/(a) end to end: {med['gcpo'] / med['vanilla']:.4f} (medians), "
+          f"{paired_ratio(times, 'vanilla', 'gcpo'):.4f} (median of paired repeats)")
+    print(f"GCPO extras alone / (a) = {100 * med['gcpo_extras'] / med['vanilla']:+.3f} %  "
+          "(goal <= +3 %)")
 
     # (c) the similarity weights alone.
     gen = torch.Generator().manual_seed(1)

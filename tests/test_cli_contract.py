@@ -70,6 +70,18 @@ CASES: list[tuple[str, list[str], str]] = [
                                  'model.prompt_template="</User/>: {prompt}"'],
      "model.prompt_template: '</User/>' is not a Janus role tag"),
     ("preset_unknown", ["train", "algo.preset=nope"], "algo.preset"),
+    ("gcpo_with_stage_weights", ["train", "algo.preset=gcpo", "algo.reweight=true"],
+     "algo.token_select: gcpo (algo.preset=gcpo) selects its own tokens and cannot take STAGE's "
+     "token weights (algo.reweight=true)"),
+    ("gcpo_with_partner_set", ["train", "algo.preset=gcpo", "algo.partner_set=parity"],
+     "STAGE's token weights (algo.partner_set=parity)"),
+    ("adv_scale_bad", ["train", "algo.adv_scale=std"],
+     "algo.adv_scale: expected one of group, batch, none, got 'std'"),
+    ("ratio_sequence_with_stage_weights", ["train", "algo.ratio_level=sequence"],
+     "algo.ratio_level: 'sequence' gives every token of a sequence one ratio, so per-token "
+     "weights (algo.reweight)"),
+    ("ratio_sequence_with_gcpo", ["train", "algo.preset=gcpo", "algo.ratio_level=sequence"],
+     "per-token weights (algo.token_select=gcpo)"),
     ("unknown_key", ["train", "algo.betta=0.1"], "Did you mean 'algo.beta'"),
     ("unknown_section", ["train", "algoo.beta=0.1"], "Did you mean 'algo'"),
     ("section_given_value", ["train", "run=5"], "'run' is a section"),
