@@ -90,3 +90,26 @@ def test_kappa_is_one_at_the_reference_and_bounded():
     k = dynamic_advantage_weight(lp, lp + 10 * torch.randn(3, 16), clip=0.5)
     assert k.min() >= torch.exp(torch.tensor(-0.5)) - 1e-6
     assert k.max() <= torch.exp(torch.tensor(0.5)) + 1e-6
+
+
+def test_the_rollout_wires_gcpo_into_w_c_and_m():
+    # score_rollout under algo.preset=gcpo puts the selection, κ and the KL weights where the
+    # trainer's loss reads them (Scores.token_weights, loss_coef, kl_weights)
+    from stagerl.config import load_config
+    from stagerl.rollout import score_rollout
+
+    c = REF["cases"][0]
+    gi, emb, entropy, logp, ref = _inputs(c)
+    cfg = load_config(overrides=["algo.preset=gcpo"])
+    cols = T(c["rewards"])[:, None]
+    sc = score_rollout(cols, torch.ones_like(cols, dtype=torch.bool), gi, emb.float(),
+                       entropy.float(), None, cfg, ["r"], [None] * len(gi),
+                       logp=logp.float(), ref_logp=ref.float())
+    sel = torch.tensor(c["selected"], dtype=torch.float32)
+    assert torch.equal(sc.token_weights, sel)
+    kappa = dynamic_advantage_weight(logp.float(), ref.float(), clip=0.5)
+    torch.testing.assert_close(sc.loss_coef, sel * kappa / (sel.sum() + 1e-6))
+    torch.testing.assert_close(sc.kl_weights, sel * sel.numel() / sel.sum())
+    with pytest.raises(ValueError, match="needs the rollout and reference log-probs"):
+        score_rollout(cols, torch.ones_like(cols, dtype=torch.bool), gi, emb.float(),
+                      entropy.float(), None, cfg, ["r"], [None] * len(gi))

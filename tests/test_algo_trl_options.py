@@ -78,3 +78,29 @@ def test_sequence_ratio_is_one_value_per_row_and_the_exp_of_the_mean_log_ratio()
     assert torch.equal(rho, rho[:, :1].expand_as(rho))
     torch.testing.assert_close(rho[:, 0], torch.exp((logp - old).mean(dim=1)).float(),
                                rtol=1e-6, atol=0)
+
+
+def test_batch_scale_leaves_silenced_groups_out_of_the_std():
+    rewards = torch.tensor([0.0, 1.0, 2.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    gi = torch.tensor([0, 0, 0, 1, 1, 1])
+    counted = torch.tensor([True, True, True, False, False, False])
+    a = group_advantages(rewards, gi, eps=1e-4, scale="batch", counted=counted)
+    torch.testing.assert_close(a[:3], (rewards[:3] - 1.0) / (1.0 + 1e-4))  # std of [0, 1, 2] = 1
+    b = group_advantages(rewards, gi, eps=1e-4, scale="batch")
+    assert not torch.allclose(a[:3], b[:3])  # the placeholders would shrink the std
+
+
+def test_the_rollout_uses_adv_scale():
+    from stagerl.config import load_config
+    from stagerl.rollout import score_rollout
+
+    n, length = 6, 16
+    cols = T(REF["reward_columns"])
+    gi = torch.arange(n) // 3
+    emb = torch.nn.functional.normalize(torch.randn(n, length, 4), dim=-1)
+    for scale in ("group", "batch", "none"):
+        cfg = load_config(overrides=["algo.preset=vanilla_grpo", f"algo.adv_scale={scale}",
+                                     "reward.drop_tied_columns=false"])
+        sc = score_rollout(cols, torch.ones_like(cols, dtype=torch.bool), gi, emb,
+                           torch.rand(n, length), None, cfg, ["a", "b"], [None] * n)
+        torch.testing.assert_close(sc.advantages, T(REF["adv"][scale]).float())

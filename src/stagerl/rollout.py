@@ -192,7 +192,7 @@ def score_rollout(columns: torch.Tensor, valid: torch.Tensor, group_index: torch
                                            mode=a.entropy_reward, coef=a.entropy_coef)
         metrics["reward/entropy_bonus_abs"] = float(bonus.abs().mean())
     total = torch.where(silenced, torch.zeros_like(total), total)
-    adv = algo.group_advantages(total, gi, eps=a.adv_eps, scale=a.adv_scale)
+    adv = algo.group_advantages(total, gi, eps=a.adv_eps, scale=a.adv_scale, counted=~silenced)
     adv = torch.where(silenced, torch.zeros_like(adv), adv).float()
     c_bar = algo.mean_opposite_similarity(code_emb, adv, gi, partner_set=a.partner_set)
     w, m = algo.loss_weights(c_bar, reweight=a.reweight, kl_reweight=a.kl_reweight,

@@ -77,7 +77,7 @@ ADV_SCALES = ("group", "batch", "none")
 
 
 def group_advantages(rewards: Tensor, group_index: Tensor, eps: float = 1e-4,
-                     scale: str = "group") -> Tensor:
+                     scale: str = "group", counted: Tensor | None = None) -> Tensor:
     """A_i = (R_i − mean_g R) / (std_g R + ε), unbiased std, per group (docs/algorithm.md §2).
 
     Args:
@@ -87,6 +87,8 @@ def group_advantages(rewards: Tensor, group_index: Tensor, eps: float = 1e-4,
         scale: "group" (the above), "batch" (divide by the unbiased std of R over all N samples,
             + ε) or "none" (R_i − mean_g R, no division: Dr. GRPO, arXiv 2503.20783). The idea
             and the names are TRL's ``GRPOConfig.scale_rewards`` (docs/algorithm.md §10).
+        counted: [N] bool, the samples the "batch" std is taken over (None = all); the trainer
+            leaves out the groups it silenced, whose rewards are placeholders.
 
     Returns:
         [N] advantages A_i, detached. A group whose rewards are all equal gets A = 0 *exactly*
@@ -103,5 +105,6 @@ def group_advantages(rewards: Tensor, group_index: Tensor, eps: float = 1e-4,
         return centred
     if scale == "batch":
         # one std over the batch; a batch of one sample has none (0), as in TRL
-        std = rewards.std().expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        pool = rewards if counted is None else rewards[counted.to(rewards.device)]
+        std = pool.std().expand_as(rewards) if pool.numel() > 1 else torch.zeros_like(rewards)
     return centred / (std + eps)
