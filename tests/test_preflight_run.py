@@ -90,6 +90,38 @@ def test_a_cached_copy_passes_offline(empty_hub, monkeypatch):
     RewardSet(["geneval"]).preflight()
 
 
+class _Hub(BaseHTTPRequestHandler):
+    """A stand-in hub: HEAD /<repo>/resolve/main/<file> answers with the status in the repo name."""
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(int(self.path.split("/")[2].split("-")[1]))
+        self.send_header("Location", "/elsewhere")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_what_the_hub_answers(empty_hub, monkeypatch):
+    server = HTTPServer(("127.0.0.1", 0), _Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+
+    def check(repo: str) -> None:
+        preflight.check_hub_ref(repo, "reward.kwargs.x.checkpoint", "reward 'x'")
+
+    try:
+        check("org/status-302")  # the hub would serve it: downloaded when the reward loads
+        check("org/status-200")
+        with pytest.raises(UserError, match="has no repo 'org/status-404'"):
+            check("org/status-404")
+        with pytest.raises(UserError, match=r"refuses access.*HF_TOKEN"):
+            check("org/status-401")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_hub_file_reward_names_its_file(empty_hub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError) as info:

@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,7 +370,7 @@ def check_hub_ref(ref: str, field: str, what: str, file: bool = False,
     why = _UNREACHABLE.get(endpoint)
     status = None
     if why is None:
-        status, why = probe_url(f"{endpoint}/{repo}/resolve/main/{filename}",
+        status, why = probe_url(f"{endpoint}/{repo}/resolve/main/{urllib.parse.quote(filename)}",
                                 headers=_hub_headers())
         if status is None:
             _UNREACHABLE[endpoint] = why
