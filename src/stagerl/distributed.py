@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from torch import nn
 
+from stagerl import ds_ops
 from stagerl.config_schema import Config
 from stagerl.errors import UserError
 
@@ -130,7 +131,10 @@ def _check_precision(cfg: Config) -> None:
     if launch and launch != cfg.run.mixed_precision:
         raise UserError(f"run.mixed_precision={cfg.run.mixed_precision} but the launch file sets "
                         f"mixed_precision: {launch}; make them agree (the recipe is the one "
-                        f"source of truth for precision)")
+                        f"source of truth for precision): add run.mixed_precision={launch} to "
+                        f"the command, or launch with --mixed_precision "
+                        f"{cfg.run.mixed_precision} (the CPU smoke launch files "
+                        f"configs/accelerate/cpu/*.yaml say mixed_precision: no)")
 
 
 def make_accelerator(cfg: Config, engine: str, local_sequences: int) -> Accelerator:
@@ -186,6 +190,7 @@ def _deepspeed_plugin(cfg: Config, local_sequences: int) -> Any:
     # No DataLoader is prepared, so accelerate cannot infer "auto" batch sizes: set them.
     plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
     plugin.deepspeed_config["train_batch_size"] = micro * gas * world
+    ds_ops.announce_builds(plugin.deepspeed_config)  # a first run compiles C++ ops: say so
     return plugin
 
 
