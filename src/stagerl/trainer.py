@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stagerl import algo, distributed, preflight
-from stagerl import checkpoint
+from stagerl import checkpoint, ds_ops
 from stagerl.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint, resolve_run_dir,
                                 save_checkpoint)
 from stagerl.config import Config, needs_reference, to_yaml
@@ -176,6 +176,7 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
     if latest_checkpoint(ckpt_root) != ckpt_root / f"step_{state.step:06d}":
         save_checkpoint(accelerator, ckpt_root, state, to_yaml(cfg), info=info,
                         save_kwargs=save_kwargs)
+    ds_ops.note_export_dtype(cfg, engine, model)  # DeepSpeed's bf16 engine exports bf16
     _export(accelerator, engine, model, policy, run_dir / "final")
     eval_after = _evaluate(cfg, policy, accelerator, tracker, state.step, "after", progress)
     tracker.close()
