@@ -305,6 +305,20 @@ def test_other_ranks_stay_quiet_and_leave_the_line_for_the_launcher(tmp_path, mo
     assert codes == [2, 2]
 
 
+def test_a_crash_under_a_launcher_leaves_its_traceback_for_the_summary(tmp_path, monkeypatch):
+    def bug(args):
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr(cli, "cmd_config", bug)
+    monkeypatch.setattr(cli, "hard_exit", lambda code: None)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError):
+        cli.main(["config"])
+    saved = json.loads((tmp_path / "error.json").read_text())["message"]
+    assert "RuntimeError: a bug" in saved["extraInfo"]["py_callstack"]
+
+
 def test_two_process_launch_prints_the_error_once(tmp_path):
     """torchrun: each rank meets the error before any collective; rank 0 prints it, every rank
     exits 2, and the launcher's summary carries the line. torchrun itself then exits 1 with its

@@ -386,6 +386,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _report("stagerl: interrupted", distributed)
         code = 130
+    except Exception as err:
+        if distributed and os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            # a crash, not a user error: each rank prints its own traceback, and the launcher's
+            # summary shows the first failing rank's (torch's own error-file writer)
+            from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+            get_error_handler().record_exception(err)
+        raise
     if distributed:
         # torch + gloo can abort at interpreter exit after all work is done (docs/development.md,
         # "Exit abort"), and every rank ends with the same code: skip the exit handlers.
