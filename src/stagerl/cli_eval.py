@@ -9,6 +9,7 @@ owns stdout, and the commands here report each line through the ``say`` it passe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -160,10 +161,40 @@ def _eval_config(args: ModelChoice) -> tuple[Any, Path | None]:
     config = find_config(args.config) or (str(saved) if saved and saved.is_file() else None)
     if weights is not None and config is None:
         raise UserError(f"--checkpoint {args.checkpoint}: no config.yaml beside the checkpoint")
+    pinned = _checkpoint_model(args.checkpoint, model, saved if weights is not None else None,
+                               config)
     extra = [f"model.path={model}"] if model else []
-    cfg = load_config(config, list(args.set or []) + extra + ["run.resume=false"])
+    cfg = load_config(config, pinned + list(args.set or []) + extra + ["run.resume=false"])
     check_model_path(cfg.model, "--checkpoint" if model else "model.path")
     return cfg, weights
+
+
+def _checkpoint_model(checkpoint: str, model: str, step_config: Path | None,
+                      config: str | None) -> list[str]:
+    """Overrides that make the config build exactly the model that was saved.
+
+    A model folder (a run's final/, a ``merge-lora`` output, an adapter folder, a shapes model)
+    names its kind by its own files, whatever the config's default kind; a saved folder is loaded
+    as it is, never rebuilt at random (``model.tiny_random`` only says how a run *started*). A
+    step checkpoint's weights fit the architecture its own config.yaml builds, so that config's
+    model section is kept even under another --config."""
+    import stagerl.policies  # noqa: F401  (registers every kind's folder recogniser)
+    from stagerl.policies.registry import folder_kind, policy_kinds
+
+    if model and Path(model).expanduser().is_dir():
+        kind = folder_kind(model)
+        if kind is None:
+            raise UserError(f"--checkpoint {checkpoint}: {model} is not a saved model folder of "
+                            f"any kind ({', '.join(policy_kinds())}); e.g. a Janus checkpoint "
+                            f"has config.json with model_type janus, a LoRA adapter "
+                            f"adapter_config.json, a shapes model config.json + vocab.json")
+        return [f"model.kind={kind}", "model.tiny_random=false"]
+    if step_config is not None and config != str(step_config):
+        from stagerl.config import load_config
+
+        saved = load_config(str(step_config), ["run.resume=false"]).model
+        return [f"model.{k}={json.dumps(v)}" for k, v in dataclasses.asdict(saved).items()]
+    return []
 
 
 def _build_eval_policy(cfg: Config, weights: Path | None) -> Any:

@@ -37,7 +37,7 @@ from stagerl.policies.base import (LOGPROB_MODES, PromptInputs, SampleOutput, Sa
 from stagerl.policies.sampling import (behaviour_logits, chunked_token_stats, draw, scored_logits,
                                        token_stats, truncate_logits)  # noqa: F401 (re-exported)
 from stagerl.policies.janus_load import (_DTYPES, check_janus_checkpoint,  # noqa: F401
-                                         is_adapter_dir, load_janus)
+                                         is_adapter_dir, is_janus_dir, load_janus)
 from stagerl.policies import janus_lora
 from stagerl.policies.janus_lora import (JanusReferenceView, add_cli_args, merge_lora,  # noqa: F401
                                         run_cli)  # add_cli_args/run_cli: `stagerl merge-lora`
@@ -353,7 +353,7 @@ def _base_model(model_cfg: Any, dtype: torch.dtype) -> tuple[nn.Module, Any, str
     return model, processor, model_cfg.path
 
 
-@register_policy("janus")
+@register_policy("janus", recognise=is_janus_dir)
 def build_janus(model_cfg: Any, need_reference: bool) -> PolicyPair:
     """Policy (+ reference) for ``model.kind: janus``.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -23,6 +24,34 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def is_adapter_dir(path: str) -> bool:
     """A LoRA adapter checkpoint of ours (peft's ``adapter_config.json`` inside)."""
     return os.path.isfile(os.path.join(os.path.expanduser(path), "adapter_config.json"))
+
+
+def is_janus_dir(path: Any) -> bool:
+    """A saved Janus folder: transformers' config.json with ``model_type: janus``, or a LoRA
+    adapter folder of ours (its base is named inside)."""
+    import json
+
+    local = os.path.expanduser(str(path))
+    if is_adapter_dir(local):
+        return True
+    try:
+        with open(os.path.join(local, "config.json"), encoding="utf-8") as fh:
+            return json.load(fh).get("model_type") == "janus"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def _weights_file(local: str) -> str:
+    """The weights file of a local Janus folder (the one a load error is about)."""
+    for name in _WEIGHT_FILES:
+        if os.path.isfile(os.path.join(local, name)):
+            return os.path.join(local, name)
+    raise UserError(f"{os.path.join(local, _WEIGHT_FILES[0])}: no such file; {local} holds no "
+                    f"weights ({', '.join(_WEIGHT_FILES)})")
 
 
 def _looks_local(path: str) -> bool:
@@ -59,11 +88,24 @@ def load_janus(path: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
 
     check_janus_checkpoint(path)
     path = os.path.expanduser(path)
+    weights = _weights_file(path) if os.path.isdir(path) else None
+    if not sys.stderr.isatty():  # transformers' "Loading weights" bar, like ours, needs a terminal
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
-        model = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        model, info = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype,
+                                                                    output_loading_info=True)
     except Exception as err:  # OSError, ValueError, hub errors: all mean "cannot use this path"
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if weights is not None:
+            raise UserError(f"{weights}: cannot load these weights ({first})") from None
         raise UserError(f"model.path: could not load a Janus model from {path!r}: {first}") from None
+    # from_pretrained initialises missing weights at random with only a warning: refuse instead
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise UserError(f"{weights or path}: {len(missing)} weights missing (e.g. {missing[0]}); "
+                        f"not a complete Janus checkpoint")
     try:
         processor = AutoProcessor.from_pretrained(path)
     except Exception:  # a checkpoint without processor files: the tokenizer is enough to sample

@@ -9,6 +9,7 @@ package, so that no import cycle runs through the package (docs/design.md §15).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from stagerl.errors import UserError
@@ -27,18 +28,34 @@ class PolicyPair:
 
 
 _BUILDERS: dict[str, Callable[..., PolicyPair]] = {}
+_RECOGNISERS: dict[str, Callable[[Path], bool]] = {}
 
 
-def register_policy(kind: str) -> Callable[[Callable[..., PolicyPair]], Callable[..., PolicyPair]]:
-    """Register ``build(model_cfg, need_reference: bool) -> PolicyPair`` for a ``model.kind``."""
+def register_policy(kind: str, recognise: Callable[[Path], bool] | None = None
+                    ) -> Callable[[Callable[..., PolicyPair]], Callable[..., PolicyPair]]:
+    """Register ``build(model_cfg, need_reference: bool) -> PolicyPair`` for a ``model.kind``;
+    ``recognise(folder)`` says whether a saved model folder is one of this kind (by its files)."""
 
     def wrap(fn: Callable[..., PolicyPair]) -> Callable[..., PolicyPair]:
         if kind in _BUILDERS and _BUILDERS[kind] is not fn:
             raise ValueError(f"policy kind {kind!r} registered twice")
         _BUILDERS[kind] = fn
+        if recognise is not None:
+            _RECOGNISERS[kind] = recognise
         return fn
 
     return wrap
+
+
+def folder_kind(folder: str | Path) -> str | None:
+    """The ``model.kind`` of a saved model folder, read from its own files (a Janus checkpoint by
+    its config.json, a shapes-model folder by its vocab.json, ...); None when no kind claims it.
+    Needs the adapters imported (``import stagerl.policies``)."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        return None
+    kinds = [k for k, fn in sorted(_RECOGNISERS.items()) if fn(path)]
+    return kinds[0] if len(kinds) == 1 else None
 
 
 def policy_kinds() -> tuple[str, ...]:

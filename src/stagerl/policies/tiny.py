@@ -77,6 +77,26 @@ class PromptVocab:
     def __len__(self) -> int:
         return len(self.words)
 
+    def readable(self, prompt: str) -> bool:
+        """Whether the model reads at least one word of ``prompt``; without one the prompt is all
+        ``<unk>`` (or nothing) and the model draws an unconditional picture."""
+        return any(w in self.index for w in self.split(prompt))
+
+    def known_words(self, limit: int = 40) -> str:
+        """The words the model reads, for messages (at most ``limit``)."""
+        words = self.words[3:]
+        return ", ".join(words[:limit]) + (f" ... ({len(words)} in all)" if len(words) > limit
+                                           else "")
+
+    def check_readable(self, prompts: Iterable[tuple[str, str]]) -> None:
+        """UserError naming the first ``(where, prompt)`` the model cannot read (see
+        :meth:`readable`) and the words it knows; refused like an empty prompt."""
+        for where, prompt in prompts:
+            if not self.readable(prompt):
+                raise UserError(f"{where}: {prompt!r} has no word the shapes model reads, "
+                                f"so it would draw an unconditional picture; it knows: "
+                                f"{self.known_words()}")
+
     def encode(self, prompts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids [N, length] and mask [N, length]; long prompts keep their first words."""
         ids = torch.zeros(len(prompts), length, dtype=torch.long)  # <pad> = 0
@@ -355,10 +375,14 @@ class TinyPolicy(nn.Module):
             config = TinyConfig(**json.loads((src / _CONFIG).read_text()))
             vocab = PromptVocab(json.loads((src / _VOCAB).read_text()))
             model = cls(config, PatchTokenizer.load(src), vocab)
-            model.load_state_dict(load_file(str(src / _WEIGHTS)))
         except (TypeError, ValueError, RuntimeError, KeyError, OSError, SafetensorError) as err:
             raise UserError(f"model.path {str(src)!r}: cannot load the tiny policy ({err})"
                             ) from None
+        try:  # the weights file named on its own: garbage, truncated or another model's weights
+            model.load_state_dict(load_file(str(src / _WEIGHTS)))
+        except (ValueError, RuntimeError, OSError, SafetensorError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"{src / _WEIGHTS}: cannot load these weights ({first})") from None
         return model
 
 
@@ -380,7 +404,48 @@ def resolve_model_path(path: str) -> Path:
     return Path(path).expanduser()
 
 
-@register_policy("tiny")
+def prompt_vocab(model_cfg: Any) -> PromptVocab | None:
+    """The prompt vocabulary of ``model.kind: tiny``'s ``model.path`` (read from its vocab.json,
+    no weights loaded); None for another kind or a folder without one (its load reports that)."""
+    if getattr(model_cfg, "kind", "tiny") != "tiny":
+        return None
+    path = resolve_model_path(str(model_cfg.path)) / _VOCAB
+    try:
+        return PromptVocab(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def located_prompts(path: str | Path) -> list[tuple[str, str]]:
+    """``(where, prompt)`` for every prompt of a prompt file or folder, ``where`` being
+    ``file:line`` (or ``file: item k`` in a .json array), in the order data.load_prompts reads."""
+    from stagerl.data import PROMPT_SUFFIXES, load_prompt_file
+
+    src = Path(path)
+    if src.is_dir():
+        return [pair for f in sorted(src.iterdir()) if f.suffix.lower() in PROMPT_SUFFIXES
+                for pair in located_prompts(f)]
+    items = load_prompt_file(src)  # malformed files fail here, as they do in training
+    text = src.read_text(encoding="utf-8")
+    lines, suffix = text.splitlines(), src.suffix.lower()
+    if suffix == ".json" and text.lstrip().startswith("["):
+        return [(f"{src}: item {k}", it.prompt) for k, it in enumerate(items, start=1)]
+    if suffix == ".csv":  # header on line 1, one row a line (no quoted line breaks assumed)
+        numbers = [i for i, line in enumerate(lines, start=1) if i > 1 and line.strip()]
+    else:  # .txt, .jsonl: one prompt a non-blank line
+        numbers = [i for i, line in enumerate(lines, start=1) if line.strip()]
+    if len(numbers) != len(items):  # e.g. CSV rows with an empty prompt cell: count items
+        return [(f"{src}: prompt {k}", it.prompt) for k, it in enumerate(items, start=1)]
+    return [(f"{src}:{i}", it.prompt) for i, it in zip(numbers, items)]
+
+
+def is_tiny_dir(path: Path) -> bool:
+    """A shapes-model folder written by :meth:`TinyPolicy.save_pretrained` (its vocab.json and
+    config.json; the weights are checked when it loads)."""
+    return (path / _VOCAB).is_file() and (path / _CONFIG).is_file()
+
+
+@register_policy("tiny", recognise=is_tiny_dir)
 def build_tiny(model_cfg: Any, need_reference: bool) -> PolicyPair:
     """Load the tiny policy from ``model_cfg.path``; the reference is a frozen deep copy."""
     if getattr(model_cfg, "lora", False):
