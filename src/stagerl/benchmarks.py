@@ -39,6 +39,9 @@ class Benchmark:
     folder: str | None = None  # relative to ASSETS, for multi-file sets
     why_not: str = ""  # for sets not shipped: why, and where to get the file
     upstream_prompts: int = 0  # for sets not shipped (no files here)
+    # The prompt-specific rewards that can score this set (geneval reads GenEval's metadata, ocr
+    # the quoted text); prompt-agnostic rewards (CLIP, HPS, VQA, ...) score any set.
+    rewards: tuple[str, ...] = ()
 
     @property
     def prompts(self) -> int:
@@ -69,7 +72,8 @@ _ALL = [
         "geneval", "GenEval evaluation prompts with their metadata (6 categories)", "eval",
         (BenchFile("geneval/evaluation_metadata.jsonl", 553,
                    "5c48e0813e812e3c373fa5c8ed07a8f0a483be30272b4427b0559c8048e67c13"),),
-        "github.com/djghosh13/geneval prompts/evaluation_metadata.jsonl", "MIT"),
+        "github.com/djghosh13/geneval prompts/evaluation_metadata.jsonl", "MIT",
+        rewards=("geneval",)),
     Benchmark(
         "t2i-compbench", "T2I-CompBench validation prompts, 8 categories", "eval",
         _COMPBENCH_FILES, _COMPBENCH_SRC.format("<category>"), "MIT", folder="t2i_compbench"),
@@ -80,7 +84,7 @@ _ALL = [
         "ocr", "Flow-GRPO's visual-text-rendering test prompts", "eval",
         (BenchFile("ocr/test_prompts.txt", 1018,
                    "4dd8caf3ab6ade73bd376c7d14c6ca49b6eacfb1bd321e22c40714ae4a98d4dc"),),
-        "github.com/yifan123/flow_grpo dataset/ocr/test.txt", "MIT"),
+        "github.com/yifan123/flow_grpo dataset/ocr/test.txt", "MIT", rewards=("ocr",)),
     Benchmark(
         "t2i-r1", "T2I-R1's training prompts with nouns/attributes/relations", "train",
         (BenchFile("t2i_r1/train_prompts.jsonl", 7223,
@@ -96,6 +100,29 @@ _ALL = [
                 "(docs/benchmarks.md)"),
 ]
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in _ALL}
+
+
+# Rewards that read one kind of prompt only: the shapes world's exact evaluator, and every
+# reward a shipped set declares. On any other set they score nothing a table should report.
+SHAPES_REWARDS = ("shapes_strict", "shapes_lenient", "shapes_partial")
+PROMPT_SPECIFIC = {**{n: "shapes-world prompts" for n in SHAPES_REWARDS},
+                   **{n: f"{b.name} prompts" for b in _ALL for n in b.rewards}}
+
+
+def check_benchmark_rewards(name: str, rewards: list[str], what: str) -> None:
+    """UserError when a reward in ``rewards`` cannot score the shipped set ``name`` (a
+    prompt-specific reward the set does not declare, e.g. shapes_strict on GenEval); ``what``
+    says where the names came from. A path is not checked (its prompts could be anything)."""
+    bench = get_benchmark(name)
+    if bench is None:
+        return
+    wrong = [n for n in rewards if n in PROMPT_SPECIFIC and n not in bench.rewards]
+    if wrong:
+        fix = (f"pass --rewards {','.join(bench.rewards)}" if bench.rewards else
+               "pass --rewards with a prompt-agnostic reward")
+        raise UserError(f"--benchmark {name}: {what} {', '.join(wrong)} cannot score "
+                        f"{bench.name} prompts (it scores {PROMPT_SPECIFIC[wrong[0]]}); {fix} "
+                        f"(or clip_score, pickscore, hps, git_vqa, grounding_dino)")
 
 
 def _key(name: str) -> str:

@@ -307,6 +307,7 @@ def _eval_suites(args: EvalOptions, cfg: Config, weights: Path | None, say: Say)
 
 
 def _eval_benchmark(args: EvalOptions, cfg: Config, weights: Path | None, say: Say) -> int:
+    from stagerl.benchmarks import check_benchmark_rewards
     from stagerl.eval import evaluate_benchmark, format_table, load_benchmark
     from stagerl.preflight import check_sampling_fits
     from stagerl.rewards.base import build_reward, check_reward_kwargs
@@ -317,6 +318,8 @@ def _eval_benchmark(args: EvalOptions, cfg: Config, weights: Path | None, say: S
         else list(cfg.reward.names)
     if not names:
         raise UserError("--rewards: expected at least one reward name")
+    check_benchmark_rewards(bench, names, "--rewards" if args.rewards else
+                            "the config's reward.names")
     kwargs = dict(cfg.reward.kwargs)
     check_reward_kwargs(kwargs)
     for n in names:  # unknown names and arguments fail now, not after sampling
