@@ -327,6 +327,7 @@ def _eval_benchmark(args: EvalOptions, cfg: Config, weights: Path | None, say: S
     params = _sampling_params(cfg, args.cfg_scale)
     check_sampling_fits(cfg.model, len(items), args.images_per_prompt, "--benchmark x "
                         "--images-per-prompt", params.cfg_scale != 1.0)
+    _warn_unreadable(bench, items, cfg, say)
     scope = "the whole file" if args.prompts is None else f"at most {args.prompts} per file"
     say(f"{bench}: scoring {len(items)} prompts ({scope}) x {args.images_per_prompt} images = "
         f"{len(items) * args.images_per_prompt} images with {', '.join(names)}")
@@ -360,6 +361,7 @@ def run_sample(cli_args: argparse.Namespace, say: Say) -> int:
     items = _sample_items(args)
     check_output_dir(args.out, "--out")
     cfg, weights = _eval_config(args)
+    _check_sample_prompts(args, cfg)
     params = _sampling_params(cfg, args.cfg_scale)
     check_sampling_fits(cfg.model, len(items), args.n, "prompts x --n", params.cfg_scale != 1.0)
     policy = _build_eval_policy(cfg, weights)
@@ -367,6 +369,33 @@ def run_sample(cli_args: argparse.Namespace, say: Say) -> int:
                     progress=_progress())
     say(f"wrote {len(items) * args.n} images for {len(items)} prompts under {args.out}")
     return 0
+
+
+def _check_sample_prompts(args: SampleOptions, cfg: Config) -> None:
+    """A prompt the shapes model cannot read (no word it knows) is refused like an empty one:
+    it would only draw an unconditional picture."""
+    from stagerl.policies.tiny import located_prompts, prompt_vocab
+
+    vocab = prompt_vocab(cfg.model)
+    if vocab is not None:
+        vocab.check_readable(located_prompts(args.file) if args.file else
+                             [(f"sample: prompt {k}", p) for k, p in
+                              enumerate(args.prompts, start=1)])
+
+
+def _warn_unreadable(bench: str, items: list[Any], cfg: Config, say: Say) -> None:
+    """One warning for a benchmark's prompts the shapes model cannot read: they are drawn
+    unconditionally and scored like the rest (refusing would drop a shipped benchmark's rows)."""
+    from stagerl.policies.tiny import prompt_vocab
+
+    vocab = prompt_vocab(cfg.model)
+    if vocab is None:
+        return
+    unread = [it.prompt for it in items if not vocab.readable(it.prompt)]
+    if unread:
+        say(f"warning: {len(unread)} of {len(items)} {bench} prompts have no word the shapes "
+            f"model reads (e.g. {unread[0]!r}) and are drawn unconditionally; it knows: "
+            f"{vocab.known_words()}")
 
 
 def _sample_options(cli_args: argparse.Namespace) -> SampleOptions:

@@ -64,6 +64,7 @@ def preflight_train(cfg: Config) -> Path:
     preflight.check_data_source(cfg.data.source, cfg.run.seed, cfg.data.shuffle)
     rewards = RewardSet(list(cfg.reward.names), dict(cfg.reward.kwargs))  # names and arguments
     preflight.check_model_path(cfg.model)
+    preflight.check_prompts_readable(cfg.model, cfg.data.source)
     preflight.check_training_fits(cfg)
     # Last, as they may wait a few seconds on the network: each reward's packages, checkpoints
     # and server (no weights load), then the tracker's login and server.
