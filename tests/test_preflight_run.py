@@ -149,6 +149,9 @@ def test_a_local_model_folder_must_be_a_saved_model(tmp_path):
     kwargs = {"clip_score": {"checkpoint": str(tmp_path / "clip")}}
     with pytest.raises(UserError, match="no config.json"):
         RewardSet(["clip_score"], kwargs).preflight()
+    (tmp_path / "clip" / "config.json").write_text('{"model_type": "cl')  # cut short
+    with pytest.raises(UserError, match="cannot read"):
+        RewardSet(["clip_score"], kwargs).preflight()
     (tmp_path / "clip" / "config.json").write_text("{}")
     RewardSet(["clip_score"], kwargs).preflight()
 

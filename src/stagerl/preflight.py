@@ -357,8 +357,10 @@ def check_hub_ref(ref: str, field: str, what: str, file: bool = False,
         repo, filename = ref.split(":", 1)
     else:
         repo, filename = ref, needs or "config.json"
-    if _cached_hub_file(repo, filename) is not None:
-        return  # transformers and huggingface_hub fall back to the cached copy when offline
+    cached = _cached_hub_file(repo, filename)
+    if cached is not None:  # transformers and huggingface_hub fall back to it when offline
+        _check_readable(Path(cached), ref, field, what)
+        return
     cache = hub_cache_dir() or "the default hub cache"
     way_out = (f"download it once where the hub is reachable (hf download {repo}"
                f"{' ' + filename if file else ''}) and run with HF_HUB_OFFLINE=1, or set {field} "
@@ -399,6 +401,23 @@ def _check_local_ref(path: Path, ref: str, field: str, what: str, file: bool,
     if not file and needs and not (path / needs).is_file():
         raise UserError(f"{what}: {field}={ref!r} has no {needs}, so it is not a saved model "
                         f"folder")
+    _check_readable(path if file else path / str(needs), ref, field, what)
+
+
+def _check_readable(path: Path, ref: str, field: str, what: str) -> None:
+    """The file opens (a JSON config also parses): a cut-short copy fails here, not after the
+    policy has loaded."""
+    if not path.is_file():
+        return
+    try:
+        with open(path, "rb") as fh:
+            if path.suffix == ".json":
+                json.loads(fh.read())
+            else:
+                fh.read(1)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{what}: {field}={ref!r}: cannot read {path} "
+                        f"({getattr(err, 'strerror', None) or err})") from None
 
 
 def check_module(module: str, what: str, extra: str) -> None:
