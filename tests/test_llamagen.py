@@ -274,3 +274,29 @@ def test_gpu_check_llamagen_phase_runs_dry_on_cpu():
     report = gpu_check.llamagen_check(dry=True, device="cpu")
     assert report["sampler_tokens_per_s"] > 0 and report["updated"] is True
     assert report["tokens"] == 4 * 16 and report["rollout_peak_gib"] is None
+
+
+@pytest.mark.parametrize("case,match", [
+    ("no_gpt", "model.path: no such file"),
+    ("other_folder", "is a folder but not a LlamaGen model saved by stagerl"),
+    ("no_vq", "model.vq_path: no such file"),
+    ("no_classes", "model.class_names: no such file"),
+])
+def test_preflight_names_missing_files_before_any_run_folder(tmp_path, case, match):
+    from stagerl.preflight import check_model_path
+
+    gpt, vq = tmp_path / "gpt.pt", tmp_path / "vq.pt"
+    gpt.write_bytes(b"x")
+    vq.write_bytes(b"x")
+    kw = dict(tiny_random=False, path=str(gpt), vq_path=str(vq))
+    if case == "no_gpt":
+        kw["path"] = str(tmp_path / "missing.pt")
+    elif case == "other_folder":
+        kw["path"] = str(tmp_path)
+    elif case == "no_vq":
+        kw["vq_path"] = str(tmp_path / "missing_vq.pt")
+    else:
+        kw["class_names"] = str(tmp_path / "classes.txt")
+    with pytest.raises(UserError, match=match):
+        check_model_path(_model_cfg(**kw))
+    check_model_path(_model_cfg(tiny_random=False, path=str(gpt), vq_path=str(vq)))  # all there

@@ -255,6 +255,11 @@ def check_model_path(model_cfg: Any, what: str = "model.path") -> None:
             if not Path(str(model_cfg.path)).expanduser().exists():
                 check_hub_ref(str(model_cfg.path), what, "model")
         return
+    if getattr(model_cfg, "kind", "tiny") == "llamagen":
+        from stagerl.policies.llamagen_load import check_llamagen_files
+
+        check_llamagen_files(model_cfg, what)
+        return
     if getattr(model_cfg, "kind", "tiny") != "tiny":
         return
     from stagerl.policies.tiny import resolve_model_path

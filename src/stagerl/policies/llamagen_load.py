@@ -144,3 +144,34 @@ def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: str, what:
         raise UserError(f"{what}: {path} does not match the configured LlamaGen model: "
                         + "; ".join(parts))
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+
+
+def check_llamagen_files(model_cfg: Any, what: str = "model.path") -> None:
+    """Before any run folder exists: the files a LlamaGen config names are there (nothing is read
+    beyond a saved folder's config.json; the weights are checked when they load)."""
+    import json
+
+    if getattr(model_cfg, "tiny_random", False):
+        return
+    path = os.path.expanduser(str(model_cfg.path))
+    if os.path.isdir(path):
+        config = os.path.join(path, "config.json")
+        try:
+            fmt = json.loads(open(config, encoding="utf-8").read()).get("format")
+        except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+            fmt = None
+        if fmt != "stagerl.llamagen.v1":
+            raise UserError(f"{what}: {model_cfg.path} is a folder but not a LlamaGen model saved "
+                            f"by stagerl; give the official GPT .pt/.safetensors file or such a "
+                            f"folder")
+    else:
+        if not os.path.isfile(path):
+            raise UserError(f"{what}: no such file: {model_cfg.path}")
+        if not model_cfg.vq_path:
+            raise UserError("model.vq_path: LlamaGen needs the VQ tokenizer weights "
+                            "(vq_ds16_c2i.pt or vq_ds16_t2i.pt; docs/llamagen.md)")
+        if not os.path.isfile(os.path.expanduser(str(model_cfg.vq_path))):
+            raise UserError(f"model.vq_path: no such file: {model_cfg.vq_path}")
+    names = getattr(model_cfg, "class_names", "")
+    if names and not os.path.isfile(os.path.expanduser(str(names))):
+        raise UserError(f"model.class_names: no such file: {names}")
