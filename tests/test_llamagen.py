@@ -89,7 +89,7 @@ def test_c2i_prompts_map_ids_and_names_and_refuse_the_rest():
     assert policy.encode_prompts(["5"]).uncond_ids[0, 0] == policy.cfg.num_classes
     with pytest.raises(UserError, match="out of range 0..9"):
         policy.encode_prompts(["10"])
-    with pytest.raises(UserError, match="model.class_names: prompt 'a red circle'"):
+    with pytest.raises(UserError, match="model.class_names: prompt 'a red circle' is neither"):
         policy.encode_prompts(["a red circle"])
     with pytest.raises(UserError, match="give class ids"):
         tiny_random("c2i", grid=4).encode_prompts(["a red circle"])
@@ -300,3 +300,23 @@ def test_preflight_names_missing_files_before_any_run_folder(tmp_path, case, mat
     with pytest.raises(UserError, match=match):
         check_model_path(_model_cfg(**kw))
     check_model_path(_model_cfg(tiny_random=False, path=str(gpt), vq_path=str(vq)))  # all there
+
+
+@pytest.mark.parametrize("lines,match", [
+    (["3", "tench", "12"], r"prompts.txt:3: data.source: prompt '12' is a class id out of range 0..9"),
+    (["3", "a red circle"], r"prompts.txt:2: model.class_names: prompt 'a red circle' is neither"),
+])
+def test_c2i_prompts_are_checked_before_any_run_folder(tmp_path, lines, match):
+    from stagerl.preflight import check_prompts_readable
+
+    names = tmp_path / "classes.txt"
+    names.write_text("\n".join(NAMES) + "\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(lines) + "\n")
+    cfg = _model_cfg(class_names=str(names))
+    with pytest.raises(UserError, match=match):
+        check_prompts_readable(cfg, str(prompts))
+    check_prompts_readable(cfg, str(names))  # the class file itself is a valid prompt source
+    with pytest.raises(UserError, match="shapes:train: model.class_names: the c2i model got"):
+        check_prompts_readable(_model_cfg(), "shapes:train")
+    check_prompts_readable(_model_cfg(llamagen_type="t2i"), "shapes:train")  # t2i reads text

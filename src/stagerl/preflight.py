@@ -230,6 +230,11 @@ def check_data_source(source: str, seed: int, shuffle: bool) -> None:
 def check_prompts_readable(model_cfg: Any, source: str) -> None:
     """``data.source`` prompts the shapes model cannot read (no word of its vocabulary: it would
     draw unconditional pictures and learn nothing) are refused, naming file and line."""
+    if getattr(model_cfg, "kind", "tiny") == "llamagen":
+        from stagerl.policies.llamagen import check_c2i_prompts
+
+        check_c2i_prompts(model_cfg, source)
+        return
     from stagerl.policies.tiny import located_prompts, prompt_vocab
 
     vocab = prompt_vocab(model_cfg)

@@ -98,6 +98,63 @@ class TextEncoder:
         return ids, mask, feats * mask[:, :, None]
 
 
+def class_lookup(class_names: list[str]) -> dict[str, int]:
+    """Lower-cased name -> class index; a line matches whole or by any comma-separated synonym."""
+    lookup: dict[str, int] = {}
+    for i, line in enumerate(class_names):
+        for name in [line] + line.split(","):
+            lookup.setdefault(name.strip().lower(), i)
+    return lookup
+
+
+def class_index(prompt: str, lookup: dict[str, int], num_classes: int | None) -> int:
+    """A c2i prompt -> class index (``num_classes`` None: the range is checked at load time)."""
+    text = prompt.strip()
+    if text.lstrip("-").isdigit():
+        k = int(text)
+        if k < 0 or num_classes is not None and k >= num_classes:
+            top = "" if num_classes is None else f" 0..{num_classes - 1}"
+            raise UserError(f"data.source: prompt {prompt!r} is a class id out of range{top} "
+                            f"(the c2i model has {num_classes or 'a fixed number of'} classes)")
+        return k
+    if text.lower() in lookup:
+        return lookup[text.lower()]
+    if not lookup:
+        raise UserError(f"model.class_names: the c2i model got the text prompt {prompt!r}; "
+                        f"give class ids, or a class-name list in model.class_names")
+    raise UserError(f"model.class_names: prompt {prompt!r} is neither a class id nor a name in "
+                    f"the class list")
+
+
+def check_c2i_prompts(model_cfg: Any, source: str) -> None:
+    """Before any run folder exists: every prompt of ``data.source`` maps to a class of a c2i
+    model (the first 60 of a procedural shapes source). Errors name the file and line."""
+    kind, names, n = model_cfg.llamagen_type, read_class_names(model_cfg.class_names), None
+    if model_cfg.tiny_random:
+        n = max(10, len(names))
+    elif is_stagerl_dir(model_cfg.path):
+        saved = json.loads((Path(os.path.expanduser(model_cfg.path)) / _CONFIG).read_text())
+        kind, n, names = saved["gpt"]["model_type"], saved["gpt"]["num_classes"], \
+            saved.get("class_names") or []
+    if kind != "c2i":
+        return
+    if source.startswith("shapes:"):
+        from stagerl.data import build_source
+
+        pairs = [(f"data.source={source}", it.prompt) for it in build_source(source, 0).batch(0, 60)]
+    else:
+        from stagerl.benchmarks import resolve_benchmark
+        from stagerl.policies.tiny import located_prompts
+
+        pairs = located_prompts(resolve_benchmark(source, "prompt file"))
+    lookup = class_lookup(names)
+    for where, prompt in pairs:
+        try:
+            class_index(prompt, lookup, n)
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+
+
 class LlamaGenPolicy(nn.Module):
     """LlamaGen (any size, c2i or t2i) as a :class:`stagerl.policies.base.Policy`."""
 
@@ -110,10 +167,7 @@ class LlamaGenPolicy(nn.Module):
         self.class_names = list(class_names or [])
         if model.cfg.model_type == "t2i" and text is None:
             raise ValueError("a t2i LlamaGen policy needs a text encoder")
-        self._lookup = {}
-        for i, line in enumerate(self.class_names):
-            for name in [line] + line.split(","):  # the whole line, or any one synonym
-                self._lookup.setdefault(name.strip().lower(), i)
+        self._lookup = class_lookup(self.class_names)
 
     # ---- structure -------------------------------------------------------------------------------
     @property
@@ -152,20 +206,7 @@ class LlamaGenPolicy(nn.Module):
     # ---- prompts ---------------------------------------------------------------------------------
     def class_id(self, prompt: str) -> int:
         """A c2i prompt -> class index: an integer, or a name from ``model.class_names``."""
-        text, n = prompt.strip(), self.cfg.num_classes
-        if text.lstrip("-").isdigit():
-            k = int(text)
-            if not 0 <= k < n:
-                raise UserError(f"data.source: prompt {prompt!r} is a class id out of range "
-                                f"0..{n - 1} (the c2i model has {n} classes)")
-            return k
-        if text.lower() in self._lookup:
-            return self._lookup[text.lower()]
-        if not self.class_names:
-            raise UserError(f"model.class_names: the c2i model got the text prompt {prompt!r}; "
-                            f"give class ids, or a class-name list in model.class_names")
-        raise UserError(f"model.class_names: prompt {prompt!r} is neither a class id (0..{n - 1}) "
-                        f"nor a name in the class list")
+        return class_index(prompt, self._lookup, self.cfg.num_classes)
 
     def encode_prompts(self, prompts: list[str]) -> PromptInputs:
         dev, n = self.device, len(prompts)
