@@ -320,3 +320,15 @@ def test_c2i_prompts_are_checked_before_any_run_folder(tmp_path, lines, match):
     with pytest.raises(UserError, match="shapes:train: model.class_names: the c2i model got"):
         check_prompts_readable(_model_cfg(), "shapes:train")
     check_prompts_readable(_model_cfg(llamagen_type="t2i"), "shapes:train")  # t2i reads text
+
+
+def test_bf16_weights_sample_and_score():
+    policy = build_policy(_model_cfg(llamagen_type="t2i", dtype="bfloat16"),
+                          need_reference=False).policy.eval()
+    assert policy.model.output.weight.dtype == torch.bfloat16
+    inputs = policy.encode_prompts(["a red circle", "x"])
+    out = policy.sample(inputs, SamplingParams(cfg_scale=4.0), noise=chunk_noise(1, 2, 64))
+    stats = policy(inputs, out.tokens, chunk_size=16)
+    # bf16 keeps 8 significant bits: the cached and the full-sequence passes round differently
+    assert torch.isfinite(stats.logprobs).all() and (stats.logprobs - out.logprobs).abs().max() < 0.05
+    assert len(policy.decode(out.tokens)) == 2

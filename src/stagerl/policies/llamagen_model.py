@@ -252,11 +252,11 @@ class LlamaGenGPT(nn.Module):
             if uncond:
                 labels = torch.full_like(labels, self.cfg.num_classes)
             return self.cls_embedding(labels)
+        dtype = self.cls_embedding.cap_proj.fc1.weight.dtype
         caption = cond
         if uncond:
-            null = self.cls_embedding.uncond_embedding.to(cond.dtype)
-            caption = null[None].expand(cond.shape[0], -1, -1)
-        return self.cls_embedding(caption[:, : self.prefix_len])
+            caption = self.cls_embedding.uncond_embedding[None].expand(cond.shape[0], -1, -1)
+        return self.cls_embedding(caption[:, : self.prefix_len].to(dtype))
 
     def run(self, x: torch.Tensor, key_ok: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Hidden states [B, S, D] (after the final norm) of ``x`` [B, S, D], the positions right
