@@ -121,6 +121,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("data_geneval_line_without_include", ["train", "data.source={fx}/geneval_partial.jsonl"],
      "geneval_partial.jsonl:2: no 'include' field"),
     ("data_empty", ["train", "data.source={fx}/empty.txt"], "empty.txt: prompt file holds no"),
+    ("data_no_known_word", ["train", "data.source={fx}/unread.txt"], "unread.txt:3"),
     ("model_missing", ["train", "model.path=/nonexistent/ckpt"], "/nonexistent/ckpt"),
     ("model_truncated", ["train", "model.path={fx}/trunc"], "trunc"),
     ("out_dir_proc", ["train", "run.out_dir=/proc/x"], "run.out_dir=/proc/x"),
@@ -156,6 +157,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("eval_out_proc", ["eval", "--out", "/proc/x"], "--out"),
     ("eval_checkpoint_missing", ["eval", "--checkpoint", "/no/such/model"], "--checkpoint"),
     ("eval_checkpoint_truncated", ["eval", "--checkpoint", "{fx}/trunc"], "trunc"),
+    ("eval_checkpoint_not_a_model", ["eval", "--checkpoint", "{fx}/adir"], "adir"),
+    ("eval_geneval_shapes_reward", ["eval", "--benchmark", "geneval"], "--rewards geneval"),
+    ("eval_geneval_rewards_shapes", ["eval", "--benchmark", "geneval", "--rewards",
+                                     "shapes_partial"], "--rewards geneval"),
     ("eval_images_too_many", ["eval", "--images-per-prompt", "100000000"], "GiB"),
     ("eval_set_bad", ["eval", "--set", "algo.beta=abc"], "algo.beta"),
     ("eval_config_missing", ["eval", "--config", "nope.yaml"], "nope.yaml"),
@@ -171,6 +176,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("sample_prompts_and_file", ["sample", "a red circle", "--file", "{fx}/prompts.txt"],
      "not both"),
     ("sample_empty_prompt", ["sample", " "], "prompt 1 is empty"),
+    ("sample_prompt_no_known_word", ["sample", "一个红色的圆"], "'一个红色的圆' has no word"),
+    ("sample_prompt_punctuation", ["sample", "a red circle", "!!! ???"], "prompt 2: '!!! ???'"),
+    ("sample_file_no_known_word", ["sample", "--file", "{fx}/unread.txt"], "unread.txt:3"),
     ("sample_file_binary", ["sample", "--file", "{fx}/bin.txt"], "not UTF-8"),
     ("sample_file_missing", ["sample", "--file", "no/such.txt"], "no/such.txt"),
     ("sample_out_file", ["sample", "a red circle", "--out", "{fx}/afile"], "--out"),
@@ -260,6 +268,7 @@ def _build_fixtures(fx: Path, tiny: Path) -> None:
     (fx / "adir").mkdir()
     (fx / "empty.txt").write_text("\n")
     (fx / "prompts.txt").write_text("a red circle\n")
+    (fx / "unread.txt").write_text("a red circle\n\n!!! ???\n")
     (fx / "bad.jsonl").write_text('{"prompt": "a red circle"}\n{"prompt": oops}\n')
     (fx / "geneval.jsonl").write_text('{"prompt": "a photo of a red circle", "tag": "colors"}\n')
     (fx / "syntax.yaml").write_text("algo:\n  beta: 0.1\n  kl_estimator: [k3\nrun:\n  steps: 3\n")
