@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/stagerl train
 
+# On a fresh machine the first run compiles DeepSpeed's CPU ops once, before the engine tests and
+# outside their timeouts (tests/conftest.py; ~12 min measured on a busy 2-core machine, cheaper
+# than prebuilding them at install: docs/development.md, "DeepSpeed from source").
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 

@@ -26,6 +26,7 @@ from stagerl.cli_eval import (_add_eval_args, _add_sample_args, _main_process,  
                               run_sample)
 from stagerl.cli_options import add_option_flags
 from stagerl.distributed import hard_exit
+from stagerl import quiet
 from stagerl.errors import UserError
 from stagerl.pretrain import PretrainOptions
 from stagerl.config_schema import Config
@@ -379,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parse(build_parser(), argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
+        quiet.install(verbose=args.verbose)  # known-harmless library warnings (stagerl/quiet.py)
         code = args.fn(args)
     except UserError as err:
         _report(f"stagerl: error: {' '.join(str(err).split())}", distributed)
