@@ -204,3 +204,28 @@ def test_an_eval_file_warns_once_about_unreadable_prompts(tiny_model_dir):
     said.clear()
     _warn_unreadable("bench", items[:1], cfg, said.append)
     assert said == []
+
+
+def test_a_step_folder_keeps_its_own_model_under_another_config(tiny_model_dir, tmp_path,
+                                                                monkeypatch):
+    """--config decides sampling and rewards; the step's weights fit the model its config.yaml
+    builds (a shapes model here, under the Janus test config)."""
+    from safetensors.torch import load_file, save_file
+
+    from stagerl.checkpoint import MARKER
+    from stagerl.cli import main
+    from stagerl.config import load_config, to_yaml
+
+    step = tmp_path / "run" / "checkpoints" / "step_000001"
+    step.mkdir(parents=True)
+    (step / "config.yaml").write_text(to_yaml(load_config(None, [f"model.path={tiny_model_dir}"])))
+    (step / "trainer_state.json").write_text('{"step": 1}')
+    trained = {k: v + 0.01 for k, v in load_file(str(Path(tiny_model_dir) /
+                                                      "model.safetensors")).items()}
+    save_file(trained, str(step / "model.safetensors"))
+    (step / MARKER).write_text("ok\n")
+    got = _built(monkeypatch)
+    assert main(["sample", "a red circle", "--n", "1", "--config", CONFIG, "--checkpoint",
+                 str(step), "--out", str(tmp_path / "s")]) == 0
+    assert type(got["policy"]).__name__ == "TinyPolicy"
+    assert torch.equal(got["policy"].state_dict()["head.weight"], trained["head.weight"])
