@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +21,7 @@ from stagerl.checkpoint import (MARKER, check_resume, consolidated_state_dict, r
                                 verify_parts)
 from stagerl.config import load_config
 from stagerl.errors import UserError
+from stagerl.rewards.base import RewardOutput, register_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,3 +209,56 @@ def test_every_step_folder_is_evaluable(tmp_path, tiny_model_dir):
     save_file(half, str(step / "model.safetensors"))
     with pytest.raises(UserError, match="do not fit"):
         _load_weights(policy, step)
+
+
+@register_reward("ckpt_brightness")
+class _Brightness:
+    """Mean pixel value: continuous, so groups are never tied."""
+
+    name = "ckpt_brightness"
+
+    def __call__(self, images, prompts, metadata):
+        vals = [float(np.asarray(im, dtype=np.float32).mean() / 255.0) for im in images]
+        return RewardOutput(torch.tensor(vals), torch.ones(len(vals), dtype=torch.bool))
+
+
+def _lora_cfg(out: Path, *extra: str):
+    return load_config(str(ROOT / "configs" / "janus_tiny_test.yaml"), [
+        "reward.names=[ckpt_brightness]", f"run.out_dir={out}", "run.name=r", "log.image_every=0",
+        "optim.lr=1e-2", "model.lora=true", "model.lora_r=4", "run.save_every=1", *extra])
+
+
+def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from stagerl.cli_eval import _load_weights
+    from stagerl.policies import build_policy
+    from stagerl.trainer import train
+
+    full = train(_lora_cfg(tmp_path / "a", "run.steps=3"))
+    trained = {k: v.clone() for k, v in full.policy.state_dict().items()}
+    ckpt = full.run_dir / "checkpoints" / "step_000003"
+    saved = load_file(str(ckpt / "model.safetensors"))
+    adapters = {n for n, p in full.policy.named_parameters() if p.requires_grad}
+    assert set(saved) == adapters and all("lora_" in k for k in saved)
+    whole = sum(v.numel() * v.element_size() for v in trained.values())
+    size = (ckpt / "model.safetensors").stat().st_size
+    assert size < whole / 5, (size, whole)  # the tiny model: ~1/50; Janus-Pro-7B: MBs, not GBs
+    assert read_run_info(ckpt)["lora"] is True
+
+    # resume from step 2 (adapters + their optimizer state) ends where the full run ended
+    partial = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", partial)
+    shutil.rmtree(partial / "r" / "checkpoints" / "step_000003")
+    shutil.rmtree(partial / "r" / "final")
+    again = train(_lora_cfg(partial, "run.steps=3", "run.resume=true"))
+    assert again.steps == 3
+    resumed = again.policy.state_dict()
+    assert all(torch.equal(resumed[k], trained[k]) for k in adapters)
+
+    # the adapter-only step folder is evaluable: the config's base + the saved adapters
+    cfg = load_config(str(ckpt / "config.yaml"), [])
+    policy = build_policy(cfg.model, need_reference=False).policy
+    _load_weights(policy, ckpt)
+    got = policy.state_dict()
+    assert all(torch.equal(got[k], trained[k]) for k in trained)

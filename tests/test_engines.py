@@ -120,6 +120,21 @@ def _check_export_loads_and_samples(run_dir: Path) -> None:
     assert torch.isfinite(out.logprobs).all()
 
 
+def _check_step_folder(step: Path, params: dict, ranks: list) -> None:
+    """A step folder holds every rank's verified part and the run record, and is evaluable: its
+    weights, consolidated offline on the CPU, are the trained ones."""
+    from stagerl.checkpoint import MARKER, consolidated_state_dict, read_run_info
+
+    assert (step / MARKER).is_file()
+    assert sorted(p.name for p in step.glob("manifest_rank*.json")) == [
+        "manifest_rank0.json", "manifest_rank1.json"]
+    info = read_run_info(step)
+    assert info["engine"] == ranks[0]["engine"] and info["world_size"] == 2
+    state = consolidated_state_dict(step)
+    gap = max(float((state[k].detach().float() - v).abs().max()) for k, v in params.items())
+    assert gap <= 1e-6, gap
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3", "fsdp2"])
 def test_engine_matches_one_process_exports_and_resumes(engine, janus_dir, single, tmp_path):
@@ -135,6 +150,7 @@ def test_engine_matches_one_process_exports_and_resumes(engine, janus_dir, singl
         assert r2["optim/grad_norm"] == pytest.approx(r1["optim/grad_norm"], rel=1e-4)
         assert r2["loss/total"] == pytest.approx(r1["loss/total"], rel=1e-4, abs=1e-7)
     _check_export_loads_and_samples(run["out"] / "run")
+    _check_step_folder(run["out"] / "run" / "checkpoints" / "step_000003", run["params"], ranks)
 
     # Resume: drop the last checkpoint, continue from step 2 to 3.
     resumed = tmp_path / "b"
@@ -147,6 +163,34 @@ def test_engine_matches_one_process_exports_and_resumes(engine, janus_dir, singl
     assert again["ranks"][0]["digest"] == again["ranks"][1]["digest"]
     gap = max(float((again["params"][k] - run["params"][k]).abs().max()) for k in run["params"])
     assert gap <= 1e-6, f"resumed run ends {gap:.2e} away from the uninterrupted one"
+
+
+@pytest.mark.slow
+def test_zero2_lora_checkpoints_adapters_only_resume_and_evaluate(janus_dir, tmp_path):
+    """ZeRO-2 + LoRA: DeepSpeed writes the adapters only (exclude_frozen_parameters), resume is
+    exact, and the step folder loads into the base model built from its config."""
+    from stagerl.checkpoint import consolidated_state_dict
+
+    lora = ("model.lora=true", "model.lora_r=4", "run.save_every=2")
+    run = _run(tmp_path / "a", janus_dir, "zero2", *lora)
+    assert run["ranks"][0]["digest"] == run["ranks"][1]["digest"]
+    step = run["out"] / "run" / "checkpoints" / "step_000003"
+    _check_step_folder(step, run["params"], run["ranks"])
+    state = consolidated_state_dict(step)
+    assert set(run["params"]) <= set(state)
+    frozen = [k for k in state if "lora_" not in k and k.endswith((".weight", ".bias"))]
+    assert frozen == [], frozen[:3]  # no frozen base weight was written
+    shards = sum(p.stat().st_size for p in (step / "pytorch_model").rglob("*") if p.is_file())
+    assert shards < (janus_dir / "model.safetensors").stat().st_size / 5, shards
+    resumed = tmp_path / "b"
+    shutil.copytree(run["out"], resumed)
+    for p in list(resumed.glob("rank*.json")) + list(resumed.glob("params*.pt")):
+        p.unlink()
+    shutil.rmtree(resumed / "run" / "checkpoints" / "step_000003")
+    shutil.rmtree(resumed / "run" / "final")
+    again = _run(resumed, janus_dir, "zero2", *lora, "run.resume=true")
+    gap = max(float((again["params"][k] - run["params"][k]).abs().max()) for k in run["params"])
+    assert gap <= 1e-6, f"resumed LoRA run ends {gap:.2e} away from the uninterrupted one"
 
 
 @pytest.mark.slow
