@@ -158,6 +158,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("eval_checkpoint_missing", ["eval", "--checkpoint", "/no/such/model"], "--checkpoint"),
     ("eval_checkpoint_truncated", ["eval", "--checkpoint", "{fx}/trunc"], "trunc"),
     ("eval_checkpoint_not_a_model", ["eval", "--checkpoint", "{fx}/adir"], "adir"),
+    ("eval_checkpoint_hub_id_shapes", ["eval", "--checkpoint", "someone/Janus-Pro-1B"],
+     "--set model.kind=janus"),
     ("eval_geneval_shapes_reward", ["eval", "--benchmark", "geneval"], "--rewards geneval"),
     ("eval_geneval_rewards_shapes", ["eval", "--benchmark", "geneval", "--rewards",
                                      "shapes_partial"], "--rewards geneval"),

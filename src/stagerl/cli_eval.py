@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,10 @@ def _eval_config(args: ModelChoice) -> tuple[Any, Path | None]:
                                config)
     extra = [f"model.path={model}"] if model else []
     cfg = load_config(config, pinned + list(args.set or []) + extra + ["run.resume=false"])
+    if model and cfg.model.kind == "tiny" and re.fullmatch(r"[\w.-]+/[\w.-]+", model) \
+            and not Path(model).exists():  # a hub id: the shapes model is never on the hub
+        raise UserError(f"--checkpoint {model}: no such folder, and a hub id needs a hub model "
+                        f"kind: add --set model.kind=janus (or --config janus_pro_1b_geneval)")
     check_model_path(cfg.model, "--checkpoint" if model else "model.path")
     return cfg, weights
 
