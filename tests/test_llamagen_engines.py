@@ -1,5 +1,6 @@
-"""LlamaGen under the multi-process engines on CPU: 2 processes with gloo through ``accelerate
-launch`` and the shipped launch files, against a 1-process run with the same global batch.
+"""LlamaGen under the multi-process engines on CPU (DDP, ZeRO-2, ZeRO-3, FSDP2): 2 processes with
+gloo through ``accelerate launch`` and the shipped launch files, against a 1-process run with the
+same global batch.
 
 The tiny random LlamaGen t2i is saved in stagerl's format and loaded by path; each run trains 3
 steps with the reference model, KL, the entropy reward and ``logprob_chunk`` on. Then both ranks
@@ -96,7 +97,7 @@ def single(model_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "zero3", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3", "fsdp2"])
 def test_two_processes_match_one(engine, model_dir, single, tmp_path):
     pytest.importorskip("deepspeed") if engine.startswith("zero") else None
     from safetensors.torch import load_file
