@@ -168,6 +168,9 @@ def _official_cfg(gpt: Path, vq: Path, **kw) -> ModelConfig:
     ("vq_codebook", "model.vq_path: .* has a codebook of 32 codes, but the GPT predicts 64"),
     ("vq_not_vq", "model.vq_path: .* is not a LlamaGen VQ checkpoint"),
     ("no_vq", "model.vq_path: LlamaGen needs"),
+    # right size, but the MLP width rule of the official configs does not give this file's width
+    ("shape", r"model.path: .*gpt.pt does not match the configured LlamaGen model: "
+              r"'layers.0.feed_forward.w1.weight' has shape \(96, 32\), expected \(256, 32\)"),
 ])
 def test_bad_checkpoints_are_one_line_user_errors(tmp_path, case, match):
     gpt, vq = _official_files(tmp_path)
