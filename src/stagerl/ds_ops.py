@@ -9,10 +9,11 @@ first time a run needs them, silently, and cached under ``TORCH_EXTENSIONS_DIR``
 - ``deepspeed_shm_comm``: DeepSpeed's shared-memory collectives, loaded by every DeepSpeed run on a
   machine without a GPU.
 
-Each took minutes on a 2-core machine (docs/development.md, "DeepSpeed from source", has the
+Each takes minutes on a 2-core machine (docs/development.md, "DeepSpeed from source", has the
 measured times), long enough that a silent run looks hung. :func:`announce_builds` logs one line
 per op that is neither prebuilt into the installed DeepSpeed nor cached, before DeepSpeed builds
-it, with the command that prebuilds it (``make setup`` does that for the development venv).
+it, with the command that prebuilds it. The test suite compiles them once before the engine tests
+(tests/conftest.py, :func:`build_pending`), outside the tests' timeouts.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# op name -> (DeepSpeed builder class, DS_BUILD_* switch, what it is for)
-OPS: dict[str, tuple[str, str, str]] = {
-    "cpu_adam": ("CPUAdamBuilder", "DS_BUILD_CPU_ADAM", "CPU Adam, for optimizer offload"),
+# op name -> (DeepSpeed builder class, DS_BUILD_* switch, what it is for, measured JIT build time
+# on a busy 2-core CPU, docs/development.md)
+OPS: dict[str, tuple[str, str, str, str]] = {
+    "cpu_adam": ("CPUAdamBuilder", "DS_BUILD_CPU_ADAM", "CPU Adam, for optimizer offload",
+                 "about 9 min"),
     "deepspeed_shm_comm": ("ShareMemCommBuilder", "DS_BUILD_SHM_COMM",
-                           "shared-memory collectives, for DeepSpeed without a GPU"),
+                           "shared-memory collectives, for DeepSpeed without a GPU",
+                           "about 3.5 min"),
 }
 
 
@@ -97,12 +101,11 @@ def announce_builds(ds_config: dict[str, Any]) -> list[str]:
         switches = " ".join(f"{OPS[n][1]}=1" for n in pending)
         for name in pending:
             log.warning(
-                "DeepSpeed compiles its C++ op %s (%s) now, once: a few minutes on a 2-core CPU "
-                "(about 5 min measured; up to 11 min on a busy one) with no output meanwhile. "
-                "Later runs reuse %s. To build it ahead instead: %s pip install "
-                "--no-build-isolation --no-cache-dir --force-reinstall --no-deps deepspeed "
-                "(docs/development.md, 'DeepSpeed from source')",
-                name, OPS[name][2], jit_build_dir(name), switches)
+                "DeepSpeed compiles its C++ op %s (%s) now, once, with no output meanwhile: "
+                "%s measured on a busy 2-core CPU, less with more cores. Later runs reuse %s. "
+                "To build it ahead instead: %s pip install --no-build-isolation --no-cache-dir "
+                "--force-reinstall --no-deps deepspeed (docs/development.md, 'DeepSpeed from "
+                "source')", name, OPS[name][2], OPS[name][3], jit_build_dir(name), switches)
     return pending
 
 
