@@ -26,7 +26,9 @@ Checkpoints never lie (docs/janus.md, "Checkpoints and resume"):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -410,7 +412,11 @@ def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
         except ImportError:
             raise UserError(f"{step_dir}: a DeepSpeed checkpoint; reading it needs the "
                             f"'deepspeed' extra") from None
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="pytorch_model"))
+        said = io.StringIO()  # the reader print()s its progress: to the log, not stdout
+        with contextlib.redirect_stdout(said):
+            sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="pytorch_model"))
+        log.debug("%s", said.getvalue().strip())
+        return sd
     for pkl in sorted(step_dir.glob("custom_checkpoint_*.pkl")):
         state = torch.load(str(pkl), map_location="cpu", weights_only=True, mmap=True)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
