@@ -335,3 +335,18 @@ def test_bf16_weights_sample_and_score():
     # bf16 keeps 8 significant bits: the cached and the full-sequence passes round differently
     assert torch.isfinite(stats.logprobs).all() and (stats.logprobs - out.logprobs).abs().max() < 0.05
     assert len(policy.decode(out.tokens)) == 2
+
+
+def test_full_finetune_reference_is_a_frozen_copy_sharing_vq_and_t5():
+    pair = build_policy(_model_cfg(llamagen_type="t2i"), need_reference=True)
+    policy, reference = pair.policy, pair.reference
+    assert all(p.requires_grad for p in policy.model.parameters())
+    assert not any(p.requires_grad for p in policy.vq.parameters())
+    assert not any(p.requires_grad for p in reference.parameters())
+    assert reference.model is not policy.model and reference.vq is policy.vq
+    assert reference.text is policy.text and policy.vq is not None
+    with torch.no_grad():
+        policy.model.output.weight.add_(torch.randn_like(policy.model.output.weight))
+    inputs = policy.encode_prompts(["a red circle"])
+    tokens = torch.randint(0, 128, (1, 64))
+    assert (policy(inputs, tokens).logprobs - reference(inputs, tokens).logprobs).abs().max() > 0.1

@@ -531,13 +531,26 @@ def build_llamagen(model_cfg: Any, need_reference: bool) -> PolicyPair:
         if policy.is_lora:  # a LoRA checkpoint trained further in full: fold the adapters in
             _merge_lora(policy.model)
         policy.model.requires_grad_(True)
-        reference = copy.deepcopy(policy).requires_grad_(False).eval() if need_reference else None
+        reference = _frozen_copy(policy) if need_reference else None
     policy.train()
     log.info("llamagen policy (%s): %d GPT parameters, %d trainable, grid %s, lora=%s",
              policy.cfg.model_type, sum(p.numel() for p in policy.model.parameters()),
              sum(p.numel() for p in policy.parameters() if p.requires_grad), policy.grid,
              model_cfg.lora)
     return PolicyPair(policy=policy, reference=reference)
+
+
+def _frozen_copy(policy: LlamaGenPolicy) -> LlamaGenPolicy:
+    """The reference policy: a frozen copy of the GPT that shares the frozen VQ and T5 (a deep
+    copy would duplicate FLAN-T5-XL's encoder, ~1.2 B weights, for nothing)."""
+    vq, text = policy.vq, policy._text
+    policy.vq, policy._text = None, [None]
+    try:
+        reference = copy.deepcopy(policy)
+    finally:
+        policy.vq, policy._text = vq, text
+    reference.vq, reference._text = vq, text
+    return reference.requires_grad_(False).eval()
 
 
 def _merge_lora(model: LlamaGenGPT) -> None:
