@@ -200,5 +200,5 @@ def test_model_kinds_come_from_the_registry() -> None:
         assert build_policy(types.SimpleNamespace(kind="test_kind"), False).policy == "p"
     finally:
         del _BUILDERS["test_kind"]
-    with pytest.raises(UserError, match="choose from janus, tiny"):
+    with pytest.raises(UserError, match="choose from janus, llamagen, tiny"):
         build_policy(types.SimpleNamespace(kind="nope"), False)
