@@ -18,7 +18,8 @@ SHIPPED = sorted(LAUNCH.glob("*.yaml"))
 # Launch files without a CPU variant, and why: two machines cannot be faked on one CPU box; its
 # engine (ZeRO-3) is covered by cpu/deepspeed_zero3.yaml.
 NO_CPU_VARIANT = {"multinode_example.yaml"}
-# What a CPU variant changes: 2 processes (gloo), no mixed precision (the smoke recipe's), no GPU ids.
+# What a CPU variant changes: 2 processes (gloo), no mixed precision (the smoke recipe's), no
+# GPU ids.
 CPU_CHANGES = {"num_processes": 2, "mixed_precision": "no"}
 
 
@@ -94,7 +95,8 @@ def _plugin_config(monkeypatch, launch: str) -> dict:
     ds = _load(LAUNCH / "cpu" / f"{launch}.yaml")["deepspeed_config"]
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(ds["zero_stage"]))
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", ds["offload_optimizer_device"])
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+                       ds["offload_optimizer_device"])
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", ds["offload_param_device"])
     return DeepSpeedPlugin().deepspeed_config
 
