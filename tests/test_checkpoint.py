@@ -262,3 +262,20 @@ def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path):
     _load_weights(policy, ckpt)
     got = policy.state_dict()
     assert all(torch.equal(got[k], trained[k]) for k in trained)
+
+
+def test_ranks_that_find_different_checkpoints_stop_instead_of_hanging(tmp_path, monkeypatch):
+    """What two machines with their own disks see on --resume: rank 0 a step-2 checkpoint, rank 1
+    none. Every rank gets the same gathered view and stops with one line."""
+    import stagerl.checkpoint as ckpt_mod
+
+    class _Acc:
+        num_processes, process_index = 2, 0
+
+    _fake_checkpoint(tmp_path / "r", None)
+    monkeypatch.setattr(ckpt_mod, "_all_ranks", lambda acc, obj: [obj, (1, -1)])
+    with pytest.raises(UserError, match="rank 0: step 2, rank 1: none"):
+        ckpt_mod.agreed_resume_point(_Acc(), tmp_path / "r" / "checkpoints")
+    monkeypatch.setattr(ckpt_mod, "_all_ranks", lambda acc, obj: [obj, (1, 2)])
+    assert ckpt_mod.agreed_resume_point(_Acc(), tmp_path / "r" / "checkpoints").name == \
+        "step_000002"
