@@ -36,7 +36,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_machines(cwds: list[Path], model_dir: Path, *extra: str) -> list[subprocess.CompletedProcess]:
+def _two_machines(cwds: list[Path], model_dir: Path,
+                  *extra: str) -> list[subprocess.CompletedProcess]:
     """One `torchrun --nnodes 2` per simulated machine (1 process each) on 127.0.0.1, each in its
     own working directory, so that the relative run.out_dir is a different folder per machine
     unless both share one."""

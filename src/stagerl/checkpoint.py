@@ -284,10 +284,10 @@ def check_shared_run_dir(accelerator: Accelerator, run_dir: Path, out_dir: str) 
             with_run_files = holds_run(run_dir)
             if not with_run_files:  # the folder this machine created for nothing
                 shutil.rmtree(run_dir, ignore_errors=True)
-        raise UserError(f"run.out_dir={out_dir}: rank {r} (host {host}) cannot see the run folder "
-                        f"{Path(run_dir).resolve()} that rank 0 writes; a run on several machines needs "
-                        f"run.out_dir on a filesystem they all share (checkpoints hold every "
-                        f"rank's part)")
+        raise UserError(f"run.out_dir={out_dir}: rank {r} (host {host}) cannot see the run "
+                        f"folder {Path(run_dir).resolve()} that rank 0 writes; a run on several "
+                        f"machines needs run.out_dir on a filesystem they all share (checkpoints "
+                        f"hold every rank's part)")
 
 
 def agreed_resume_point(accelerator: Accelerator, ckpt_root: Path) -> Path | None:
