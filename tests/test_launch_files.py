@@ -139,6 +139,9 @@ def test_first_offload_run_says_it_compiles_once(monkeypatch, tmp_path, caplog):
     assert pending == ["deepspeed_shm_comm", "cpu_adam"] and len(ours) == 2
     msg = ours[1].getMessage()
     assert "cpu_adam" in msg and "DS_BUILD_CPU_ADAM=1" in msg and str(tmp_path) in msg
+    import deepspeed
+
+    assert f"deepspeed=={deepspeed.__version__} " in msg  # a reinstall keeps the version
 
     (tmp_path / "cpu_adam").mkdir()
     (tmp_path / "cpu_adam" / "cpu_adam.so").write_bytes(b"")

@@ -88,6 +88,12 @@ def pending_builds(names: list[str]) -> list[str]:
     return pending
 
 
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return str(deepspeed.__version__)
+
+
 def announce_builds(ds_config: dict[str, Any]) -> list[str]:
     """Log one warning (main process) per op this run will compile first; returns their names."""
     import torch
@@ -104,8 +110,9 @@ def announce_builds(ds_config: dict[str, Any]) -> list[str]:
                 "DeepSpeed compiles its C++ op %s (%s) now, once, with no output meanwhile: "
                 "%s measured on a busy 2-core CPU, less with more cores. Later runs reuse %s. "
                 "To build it ahead instead: %s pip install --no-build-isolation --no-cache-dir "
-                "--force-reinstall --no-deps deepspeed (docs/development.md, 'DeepSpeed from "
-                "source')", name, OPS[name][2], OPS[name][3], jit_build_dir(name), switches)
+                "--force-reinstall --no-deps deepspeed==%s (docs/development.md, 'DeepSpeed from "
+                "source')", name, OPS[name][2], OPS[name][3], jit_build_dir(name), switches,
+                _deepspeed_version())
     return pending
 
 
