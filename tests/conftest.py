@@ -52,4 +52,9 @@ def _deepspeed_ops_built(request):
         ds_ops.pending_builds([])  # imports DeepSpeed
     except ImportError:
         return  # no DeepSpeed: the engine tests skip themselves
-    ds_ops.build_pending()
+    try:
+        ds_ops.build_pending()
+    except Exception as err:  # noqa: BLE001 - the engine tests then fail with DeepSpeed's message
+        import warnings
+
+        warnings.warn(f"compiling DeepSpeed's C++ ops failed: {err}", stacklevel=1)
