@@ -39,6 +39,17 @@ def test_listed_log_message_dropped_others_kept(restore_filters, caplog):
         assert _emitted(caplog, name, logging.ERROR, noise)  # an error is never hidden
 
 
+def test_tied_lm_head_save_message_dropped_another_shared_tensor_kept(restore_filters, caplog):
+    name = "accelerate.utils.other"
+    tied = ("[RANK 0] Removed shared tensor {'model.lm_head.weight'} while saving. This should be "
+            "OK, but check by verifying that you don't receive any warning while reloading")
+    other = tied.replace("model.lm_head.weight", "model.vision.proj.weight")
+    quiet.install()
+    with caplog.at_level(logging.WARNING, logger=name):
+        assert not _emitted(caplog, name, logging.WARNING, tied)
+        assert _emitted(caplog, name, logging.WARNING, other)
+
+
 def test_listed_warning_dropped_others_kept(restore_filters):
     quiet.install()
     with warnings.catch_warnings(record=True) as seen:

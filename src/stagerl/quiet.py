@@ -18,6 +18,11 @@ LOG_MESSAGES: tuple[tuple[str, str, str], ...] = (
     ("torch.utils.cpp_extension", r"^No CUDA runtime is found, using CUDA_HOME=",
      "a CUDA build of torch on a machine without a GPU: DeepSpeed imports torch's extension "
      "builder, and its CPU ops need no CUDA"),
+    ("accelerate.utils.other",
+     r"Removed shared tensor \{'(?:[\w.]*\.)?lm_head\.weight'\} while saving",
+     "every checkpoint save: Janus ties lm_head to the text embeddings, so safetensors keeps one "
+     "copy and loading ties them again (resume is tested exact); another shared tensor still "
+     "shows"),
 )
 
 # (warning category, message regex, why it is harmless)
