@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import os
 import signal
 import socket
@@ -12,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from PIL import Image
 
 from stagerl.errors import UserError
 from stagerl.rewards import RewardOutput, build_reward
+from stagerl.rewards import server as server_module
 from stagerl.rewards.remote import encode_png
 from stagerl.rewards.server import make_server
 
@@ -252,3 +256,209 @@ def test_cli_args_and_errors(tmp_path):
         run_cli(parser.parse_args(["--rewards", "no_such_reward"]))
     with pytest.raises(UserError, match="not valid JSON"):
         run_cli(parser.parse_args(["--rewards", "ocr", "--reward-kwargs", "{x"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Malformed requests under load: 4xx never 5xx, no tracebacks, flat memory, a real listen backlog
+
+
+def _raw(port: int, data: bytes, *, half_close: bool = True, reset: bool = False,
+         timeout: float = 10.0) -> int | str | None:
+    """Send raw bytes on a fresh connection; the status code answered (None: hung up ourselves;
+    a string: an error answer that is not one line of JSON with an "error" field)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        if reset:  # hang up hard (RST) before the answer comes
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            return None
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        buf = b""
+        while chunk := s.recv(65536):
+            buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if status != 200:  # every error answer is one line of JSON with an "error" field
+        try:
+            if b"\n" in body or not json.loads(body)["error"]:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            return f"{status} with body {body[:60]!r}"
+    return status
+
+
+def _http(method: str, path: str, body: bytes = b"", length: bytes | None = None,
+          extra: bytes = b"") -> bytes:
+    length = str(len(body)).encode() if length is None else length
+    cl = b"Content-Length: " + length + b"\r\n" if length != b"-" else b""
+    return (method.encode() + b" " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + cl + extra +
+            b"\r\n" + body)
+
+
+def _load_cases(k: int, img: str) -> list[tuple[str, bytes, dict, int | None]]:
+    """(name, request bytes, _raw options, expected status) for client k: good and malformed."""
+    def good(n: int) -> bytes:
+        return json.dumps({"request_id": f"c{k}-{n}-{uuid.uuid4().hex}", "rewards": ["a"],
+                           "images": [img, img], "prompts": [f"p {n}", f"q {n}"]}).encode()
+
+    short = good(99)
+    return [
+        ("good", _http("POST", "/score", good(1)), {}, 200),
+        ("good again", _http("POST", "/score", good(2)), {}, 200),
+        ("good once more", _http("POST", "/score", good(6)), {}, 200),
+        ("deep nesting", _http("POST", "/score", b"[" * 3000 + b"]" * 3000), {}, 400),
+        ("nested in metadata", _http("POST", "/score", b'{"request_id": "d", "metadata": [' +
+                                     b"[" * 100 + b"]" * 100 + b"]}"), {}, 400),
+        ("non-ASCII digit length", _http("POST", "/score", b"{}", length=b"\xb2"), {}, 400),
+        ("signed length", _http("POST", "/score", b"{}", length=b"+2"), {}, 400),
+        ("no length", _http("POST", "/score", b"{}", length=b"-"), {}, 411),
+        ("too large", _http("POST", "/score", b"x" * 10, length=b"99999999"), {}, 413),
+        ("body ends early", _http("POST", "/score", short, length=str(len(short) + 9).encode()),
+         {}, 400),
+        ("unknown path", _http("POST", "/nope", good(3)), {}, 404),
+        ("wrong method", _http("PUT", "/score", good(4)), {}, 405),
+        ("GET /score", _http("GET", "/score"), {}, 405),
+        ("made-up method", _http("BREW", "/health"), {}, 405),
+        ("HTTP/2.0 request line", b"GET /health HTTP/2.0\r\n\r\n", {}, 400),
+        ("garbled request line", b"hello\r\n\r\n", {}, 400),
+        ("not an object", _http("POST", "/score", b"[1, 2]"), {}, 400),
+        ("bad field", _http("POST", "/score", json.dumps({"request_id": "x", "images": [img],
+                                                          "prompts": [3]}).encode()), {}, 400),
+        ("huge number", _http("POST", "/score", b'{"request_id": 1' + b"0" * 5000 + b"}"), {},
+         400),
+        ("hang-up", _http("POST", "/score", good(5)), {"reset": True}, None),
+        ("health", _http("GET", "/health"), {}, 200),
+        ("good last", _http("POST", "/score", good(7)), {}, 200),
+    ]
+
+
+def _run_round(port: int, clients: int, img: str, stall: bool) -> dict[str, list]:
+    seen: dict[str, list] = {}
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        cases = _load_cases(k, img)
+        if stall and k == 0:  # announces 9 more bytes than it sends and waits: read timeout -> 400
+            cases.append(("body stalls", _http("POST", "/score", b"{}", length=b"11"),
+                          {"half_close": False}, 400))
+        for name, data, opts, expected in cases:
+            try:
+                got = _raw(port, data, **opts)
+            except Exception as e:  # noqa: BLE001 - recorded, checked by the test
+                got = repr(e)
+            with lock:
+                seen.setdefault(name, []).append((got, expected))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    return seen
+
+
+class _LogTally(logging.Handler):
+    """Counts the server's log records in constant memory (a list of records would itself grow)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.counts: dict[str, int] = {}
+        self.problems: list[str] = []  # warnings, errors, tracebacks: the first few
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        for key in ("hung up", "stopped after 2 of the 11 bytes", "rejected request"):
+            if key in text:
+                self.counts[key] = self.counts.get(key, 0) + 1
+        if (record.levelno >= logging.WARNING or record.exc_info) and len(self.problems) < 5:
+            self.problems.append(self.format(record))
+
+
+def test_load_malformed_requests_get_4xx_no_tracebacks_flat_memory(serve, capfd):
+    import tracemalloc
+
+    logger = logging.getLogger("stagerl.rewards.server")
+    tally = _LogTally()
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.addHandler(tally)
+    logger.propagate = False
+    reward = PromptNumber()
+    # A store of 4 KiB fills during the warm-up round: after that, memory must stay flat.
+    srv = serve({"a": reward}, max_request_bytes=50_000, max_batch=4, workers=4,
+                read_timeout=0.5, cache_bytes=4096)
+    port = srv.server_address[1]
+    img = encode_png(_img(7))
+
+    # Memory held by blocks that the server module's own lines allocated (its store of answers,
+    # the answers themselves); the interpreter's caches and free lists, which fill slowly under
+    # any load, and the test's clients are not counted.
+    only_server = [tracemalloc.Filter(True, server_module.__file__)]
+
+    def settled() -> int:  # wait until the server has finished the hung-up clients' requests
+        for _ in range(100):
+            calls = reward.calls
+            time.sleep(0.05)
+            if calls == reward.calls and srv._pending.empty():
+                break
+        gc.collect()
+        snap = tracemalloc.take_snapshot().filter_traces(only_server)
+        return sum(stat.size for stat in snap.statistics("filename"))
+
+    tracemalloc.start()
+    try:
+        rounds = [_run_round(port, 6, img, stall=True)]
+        base = settled()
+        rounds += [_run_round(port, 6, img, stall=False) for _ in range(3)]
+        grown = settled() - base
+    finally:
+        tracemalloc.stop()
+        logger.removeHandler(tally)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+    for seen in rounds:
+        for name, results in seen.items():
+            for got, expected in results:
+                assert got == expected, (name, got, expected)
+    # 4 rounds x 6 clients x 4 good requests, plus the hang-up's request when the server read it
+    # before the reset; a truncated body is never scored
+    assert 4 * 6 * 4 <= reward.calls <= 4 * 6 * 5
+    # 3 rounds answer 90+ good requests: keeping every answer (the former store of parsed trees)
+    # grew by about 1 KB each here, the bounded store by a few hundred bytes in all.
+    assert grown < 16 * 1024, f"memory grew by {grown} bytes over 3 rounds after a warm-up"
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and not tally.problems, (tally.problems, err[-3000:])
+    assert tally.counts.get("hung up", 0) >= 1, tally.counts
+    assert tally.counts.get("stopped after 2 of the 11 bytes") == 1, tally.counts
+    assert tally.counts["rejected request"] >= 4 * 6 * 15, tally.counts
+
+
+def test_listen_backlog_holds_a_burst_of_connections(serve):
+    # The server is not accepting yet: every connection of the burst must complete in the kernel's
+    # listen backlog (with the standard library's backlog of 5, the 7th SYN is dropped and retried
+    # a second later), and be answered once serving starts.
+    srv = make_server({"a": PromptNumber()}, port=0, workers=2)
+    serving = threading.Thread(target=srv.serve_forever, daemon=True)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(60):
+            s = socket.socket()
+            socks.append(s)
+            s.settimeout(0.5)
+            s.connect(srv.server_address)  # times out if the backlog is full
+        serving.start()
+        for s in socks:
+            s.sendall(_http("GET", "/health"))
+        codes = []
+        for s in socks:
+            s.settimeout(10)
+            codes.append(int(s.recv(64).split(b" ", 2)[1]))
+            s.close()
+        assert codes == [200] * 60
+    finally:
+        for s in socks:
+            s.close()
+        if serving.is_alive():
+            srv.shutdown()
+        srv.server_close()
