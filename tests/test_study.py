@@ -125,7 +125,8 @@ def test_toy_study_end_to_end_reuse_and_order_independence(tmp_path, model_dir, 
     md = (docs / "results.md").read_text()
     for heading in ("## Findings", "`test`", "`compositions`", "`phrasings`",
                     "### Quality and drift", "## Training curves", "## Image grid",
-                    "vanilla GRPO", "STAGE", "w/o Ent & KL", " ± "):
+                    "vanilla GRPO", "STAGE", "w/o Ent & KL", " ± ",
+                    "Peer method: GCPO vs vanilla GRPO", "Peer method: Dr. GRPO vs vanilla GRPO"):
         assert heading in md, heading
     for name in ("reward", "heldout", "entropy", "kl", "grid"):
         assert (docs / f"results_{name}.png").stat().st_size > 1000
@@ -176,10 +177,11 @@ def test_plans_and_configs(tmp_path):
     plan = study_mod.StudyPlan(conditions=["lenient", "token_norm"], lr_sweep=[2.0, 4.0])
     jobs = study_mod.plan_jobs(plan)
     names = [j.name for j in jobs]
-    assert len(names) == len(set(names)) == 9 + 9 + 3 + 18 + 6
+    assert len(names) == len(set(names)) == 9 + 9 + 3 + 18 + 12
     assert names[:9] == [f"{r}-s{s}" for s in range(3) for r in study_mod.COMPARE_ROWS]
     assert [n for n in names if "token_norm" in n] == [f"stage-token_norm-s{s}" for s in range(3)]
-    assert names[-6:] == [f"{r}-s{s}" for s in range(3) for r in ("wo_kl", "wo_ent_kl")]
+    assert names[-12:] == [f"{r}-s{s}" for s in range(3)
+                           for r in ("wo_kl", "wo_ent_kl", "gcpo", "dr_grpo")]
     # A shorter sweep has its own x1 runs; the main runs stay as they are.
     short = study_mod.plan_jobs(study_mod.StudyPlan(rows=["stage"], compare_rows=["stage"],
                                                     lr_sweep=[2.0], sweep_steps=24, seeds=[0]))
@@ -239,6 +241,25 @@ def test_frontier_helpers_interpolate_at_matched_kl():
     got = matched_kl(by_row, 0.02)
     assert got["vanilla_grpo"][0] == 1.0 and got["vanilla_grpo"][1] == pytest.approx([0.6, 0.6])
     assert got["stage"][0] == 2.0 and got["stage"][1] == pytest.approx([0.85, 0.85])
+
+
+def test_peer_rows_are_read_at_matched_kl_along_the_main_curves():
+    from stagerl.study_report import curve_matched_kl_section
+    runs = [_run([0, 0.02, 0.04], [0.5, 0.6, 0.7], row="vanilla_grpo", seed=s) for s in (0, 1)]
+    runs += [_run([0, 0.01, 0.02], [0.5, 0.7, 0.9], row="gcpo", seed=s) for s in (0, 1)]
+    runs += [_run([0, 0.08, 0.1], [0.5, 0.9, 0.9], row="gcpo", lr_mult=2.0)]  # a sweep run: out
+    summary = StudySummary(plan=StudyPlan(rows=["vanilla_grpo", "gcpo"]), base=_EVAL, runs=runs,
+                           config=StudySettings(P=2, G=3, lr=1e-4, beta=0.03, cfg_scale=2.0,
+                                                steps=20), wall_seconds=5.0, train_seconds=2.0,
+                           reused_runs=0, shard=None)
+    text = "\n".join(curve_matched_kl_section(summary))
+    # GCPO's seeds reach KL 0.02 only, so the top level is 0.02: 0.9 vs vanilla's 0.6 there.
+    top = next(line for line in text.splitlines() if "KL 0.0200" in line)
+    assert "0.900" in top and "0.600" in top and "(better)" in top
+    assert "no learning-rate sweep" in text
+    without = StudySummary(**{**summary.__dict__,
+                              "plan": StudyPlan(rows=["vanilla_grpo", "stage"])})
+    assert curve_matched_kl_section(without) == []  # no peer row, no section
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """``stagerl study``: the STAGE-vs-GRPO reproduction study on the shapes world (docs/study.md).
 
-The five rows of the paper's Table 4 (docs/algorithm.md §7; configs/ablations/*.yaml) are trained
+The five rows of the paper's Table 4 (docs/algorithm.md §7) and two peer methods, GCPO and Dr. GRPO
+scaling (§10-11; configs/ablations/*.yaml), are trained
 at an equal sample budget (same steps, prompts per step P and group size G) with >= 3 seeds each,
 then every run and the base model are evaluated on every shapes suite (in-distribution "test",
 held-out "compositions", held-out "phrasings") and on the quality/drift measures of

@@ -21,7 +21,8 @@ import numpy as np
 from stagerl.config import load_config
 from stagerl.policies import build_policy
 
-ROWS = ("vanilla_grpo", "plus_ent", "stage", "wo_kl", "wo_ent_kl")
+# The Table 4 rows, then the peer methods (GCPO, Dr. GRPO scaling; docs/algorithm.md §10-11).
+ROWS = ("vanilla_grpo", "plus_ent", "stage", "wo_kl", "wo_ent_kl", "gcpo", "dr_grpo")
 # The rows every condition and the learning-rate sweep retrain: the three methods whose matched
 # comparison docs/study.md asks for.
 COMPARE_ROWS = ("vanilla_grpo", "plus_ent", "stage")

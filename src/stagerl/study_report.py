@@ -22,7 +22,12 @@ from stagerl.study_common import (CONDITIONS, ByLr, LrKey, StudySummary, _lr_lab
                                   frontier_levels, matched_kl, sweep_runs)
 
 LABELS = {"base": "base model", "vanilla_grpo": "vanilla GRPO", "plus_ent": "+Ent",
-          "stage": "STAGE", "wo_kl": "w/o KL", "wo_ent_kl": "w/o Ent & KL"}
+          "stage": "STAGE", "wo_kl": "w/o KL", "wo_ent_kl": "w/o Ent & KL", "gcpo": "GCPO",
+          "dr_grpo": "Dr. GRPO"}
+# Peer methods beside the paper's table (docs/algorithm.md §10-11): each is compared with vanilla
+# GRPO like STAGE is: in the findings, the drift setting and the sweep (docs/study.md, "Peer
+# methods").
+PEERS = ("gcpo", "dr_grpo")
 SUITE_TITLES = {"test": "In-distribution (held-out prompts of the training distribution, `test`)",
                 "compositions": "Held-out compositions (`compositions`)",
                 "phrasings": "Held-out phrasings (`phrasings`)"}
@@ -213,7 +218,52 @@ def findings(summary: StudySummary, groups: Groups) -> list[str]:
                         [r.get(key, float("nan")) for r in grpo], hb)
             lines.append(_sentence(label, c, "STAGE", "vanilla GRPO"))
         lines.append("")
+    for row in PEERS:
+        peer = groups.get((row, None))
+        if grpo and peer:
+            lines.append(f"**Peer method: {LABELS[row]} vs vanilla GRPO** (same budget, lr and "
+                         f"steps; docs/study.md, \"Peer methods\"):")
+            for key, label, hb in HEADLINE:
+                c = compare([r.get(key, float("nan")) for r in peer],
+                            [r.get(key, float("nan")) for r in grpo], hb)
+                lines.append(_sentence(label, c, LABELS[row], "vanilla GRPO"))
+            lines.append("")
     return lines
+
+
+def curve_matched_kl_section(summary: StudySummary) -> list[str]:
+    """Where the peer methods stand at matched KL along the main runs' training curves (lr x1
+    only): the held-out score of each in-training evaluation where the training KL first reaches
+    each level (the frontier's levels and interpolation, study_common.matched_kl)."""
+    rows = [r for r in ("vanilla_grpo", "stage", *PEERS) if r in summary.plan.rows]
+    if not any(r in PEERS for r in rows) or "vanilla_grpo" not in rows:
+        return []
+    by_row: dict[str, ByLr] = {}
+    for r in summary.runs:
+        if r.condition is None and r.at_plan_lr_and_steps and r.row in rows:
+            by_row.setdefault(r.row, {}).setdefault(1.0, []).append(r)
+    plan = summary.plan
+    levels = frontier_levels(by_row) if len(by_row) == len(rows) else []
+    if not levels:
+        return []
+    table: dict[str, dict[str, str]] = {}
+    for k in levels:
+        got = matched_kl(by_row, k)
+        cells = {LABELS[row]: fmt(got[row][1]) if row in got else "n/a" for row in rows}
+        for row in rows[1:]:
+            if row in got and "vanilla_grpo" in got:
+                cells[f"{LABELS[row]} − vanilla"] = _diff_cell(got[row][1],
+                                                              got["vanilla_grpo"][1], True)
+        table[f"KL {k:.4f}"] = cells
+    return ["## Peer methods at matched KL (main runs' training curves)", "",
+            f"The held-out strict score of the in-training evaluations ({plan.curve_prompts} "
+            f"`{plan.curve_suite}` prompts x {plan.curve_images} images) where each run's training "
+            f"KL to the base model first reaches a level, interpolated between evaluations; the "
+            f"levels are fractions of the smallest KL every method's seeds all reach. These are "
+            f"the main runs at lr x1 only: no learning-rate sweep, so this is a slice of each "
+            f"method's reward-KL frontier, not the frontier (docs/study.md, \"Peer methods\").",
+            "", markdown_table(table, "Held-out strict score at matched KL, lr x1 (mean ± std "
+                                      "over seeds; differences ± 2 se)"), ""]
 
 
 def _diff_cell(a: list[float], b: list[float], hb: bool | None) -> str:
@@ -312,7 +362,7 @@ def drift_section(summary: StudySummary, groups: Groups, figures: dict[str, str]
         if short_van:
             diffs[f"vanilla GRPO: {cond} − `{shorter}`"] = {
                 lab: _diff_cell(_vals(van, k), _vals(short_van, k), hb) for k, lab, hb in DRIFT}
-        for row in ("plus_ent", "stage"):
+        for row in ("plus_ent", "stage", *PEERS):
             other = groups.get((row, cond))
             if other:
                 diffs[f"{LABELS[row]} − vanilla GRPO"] = {
@@ -374,7 +424,7 @@ def sweep_section(summary: StudySummary, figures: dict[str, str]) -> list[str]:
                    for row, m in best.items()}
         if "vanilla_grpo" in at_best:
             diffs = {}
-            for row in ("plus_ent", "stage"):
+            for row in ("plus_ent", "stage", *PEERS):
                 if row in at_best:
                     diffs[f"{LABELS[row]} (lr x{best[row]:g}) − vanilla GRPO (lr "
                           f"x{best['vanilla_grpo']:g})"] = {
@@ -394,7 +444,7 @@ def sweep_section(summary: StudySummary, figures: dict[str, str]) -> list[str]:
                         cells[LABELS[row]] = f"{fmt(vals)} (lr {_lr_label(m)})"
                     else:
                         cells[LABELS[row]] = "n/a"
-                for row in ("plus_ent", "stage"):
+                for row in ("plus_ent", "stage", *PEERS):
                     if row in got and "vanilla_grpo" in got:
                         cells[f"{LABELS[row]} − vanilla"] = _diff_cell(got[row][1],
                                                                       got["vanilla_grpo"][1], True)
@@ -470,6 +520,7 @@ def render_markdown(summary: StudySummary, command: str, figures: dict[str, str]
               "column (without the entropy bonus), smoothed with a moving average. Rows without "
               "a reference model (w/o Ent & KL) log no KL or reference entropy during training; "
               "their final KL is in the quality table.", ""]
+    lines += curve_matched_kl_section(summary)
     lines += drift_section(summary, groups, frontiers or {})
     lines += sweep_section(summary, frontiers or {})
     lines += conditions_section(summary, groups)
