@@ -88,11 +88,7 @@ def _one_error(capsys) -> str:
 
 # The step folder: cli_eval._load_weights counts the tied lm_head.weight (shared with
 # embed_tokens, so absent from the saved state dict) as missing; remove the mark once it does not.
-STEP_TIED = pytest.mark.xfail(reason="step checkpoints of a full Janus: the tied lm_head.weight is "
-                              "reported missing by cli_eval._load_weights", strict=False)
-
-
-@pytest.mark.parametrize("where", ["run", "final", pytest.param("step", marks=STEP_TIED)])
+@pytest.mark.parametrize("where", ["run", "final", "step"])
 def test_sample_and_eval_load_the_trained_weights(trained, where, tmp_path, monkeypatch):
     from stagerl.cli import main
 

@@ -230,7 +230,12 @@ def _load_weights(policy: Policy, path: Path) -> None:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"{folder}: cannot load these weights ({first})") from None
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
-    lost = [k for k in missing if not adapters_only or k in trainable]
+    # A tied weight (Janus' lm_head shares embed_tokens' storage) is saved once, under one name:
+    # the other name is "missing" from the file but was loaded through its twin.
+    own = policy.state_dict(keep_vars=True)
+    loaded = {own[k].data_ptr() for k in state if k in own}
+    lost = [k for k in missing if (not adapters_only or k in trainable)
+            and own[k].data_ptr() not in loaded]
     if unexpected or lost:
         what = (f"{len(unexpected)} weights the model does not have (e.g. {unexpected[0]})"
                 if unexpected else f"no {lost[0]} (and {len(lost) - 1} more missing)")
