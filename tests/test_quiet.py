@@ -14,6 +14,11 @@ from stagerl import quiet
 @pytest.fixture
 def restore_filters():
     saved = {name: list(logging.getLogger(name).filters) for name, _, _ in quiet.LOG_MESSAGES}
+    # An in-process CLI test earlier in the session may have installed the filter already: start
+    # each test without it, so "before install()" really means before.
+    for name in saved:
+        logger = logging.getLogger(name)
+        logger.filters[:] = [f for f in logger.filters if not isinstance(f, quiet._DropMessages)]
     with warnings.catch_warnings():
         yield
     for name, filters in saved.items():
