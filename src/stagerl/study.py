@@ -268,6 +268,15 @@ def _worker(plan: StudyPlan, out: str, job: Job) -> StudyRun:
     return _run_job(plan, Path(out), load_policy(plan.model), job)
 
 
+def _ignore_sigint() -> None:
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker_job(args: tuple[StudyPlan, str, Job]) -> StudyRun:
+    return _worker(*args)
+
+
 def run_study(plan: StudyPlan, out: str | Path, progress: Any = None, jobs: int = 1,
               shard: tuple[int, int] | None = None) -> StudySummary:
     """Train and evaluate every run of the plan; returns (and saves) the summary.
@@ -302,13 +311,16 @@ def run_study(plan: StudyPlan, out: str | Path, progress: Any = None, jobs: int 
             runs.append(_run_job(plan, out, base, job))
     else:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
 
+        # A Pool, not a ProcessPoolExecutor: leaving the `with` block terminates the workers. The
+        # executor's exit waits for every submitted job, so an interrupted study went on training
+        # (and could race a rerun writing the same run folders) after printing "interrupted".
+        # Ctrl-C reaches the workers too: they ignore it, and the main process ends them.
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(_worker, plan, str(out), job) for job in todo]
-            for k, (job, fut) in enumerate(zip(todo, futures)):
-                runs.append(fut.result())
+        with ctx.Pool(processes=jobs, initializer=_ignore_sigint) as pool:
+            results = pool.imap(_worker_job, [(plan, str(out), job) for job in todo])
+            for k, (job, run) in enumerate(zip(todo, results)):
+                runs.append(run)
                 if progress:
                     progress(f"[{k + 1}/{len(todo)}] {job.name} done")
     settings = StudySettings(P=first.sampling.prompts_per_step, G=first.sampling.group_size,
