@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -131,6 +132,18 @@ def time_sampler(dry: bool, device: str) -> dict:
             "same_tokens": bool(torch.equal(a.cpu(), b.cpu()))}
 
 
+def peak_gib(fn: Callable[[], None], device: str) -> float | None:
+    """Run ``fn``; on CUDA return its peak allocated memory in GiB (None elsewhere)."""
+    if device != "cuda":
+        fn()
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
 def measure_memory(dry: bool, device: str) -> dict:
     """Phase 3: peak memory of one rollout and one update (7B widths, 2 layers, bf16)."""
     from stagerl.policies.base import SamplingParams
@@ -140,16 +153,6 @@ def measure_memory(dry: bool, device: str) -> dict:
     policy.requires_grad_(False)
     policy.core.model.language_model.requires_grad_(True)
     inputs = policy.encode_prompts(["a photo of a cat"] * 8).to(device)  # one group, G = 8
-
-    def peak(fn) -> float | None:
-        if device != "cuda":
-            fn()
-            return None
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
     state = {}
 
@@ -165,7 +168,8 @@ def measure_memory(dry: bool, device: str) -> dict:
         (-stats.logprobs.mean()).backward()
 
     return {"model": f"Janus-Pro-{size} widths, 2 layers, {str(dtype)[6:]}, G = 8",
-            "rollout_peak_gib": peak(rollout), "update_peak_gib": peak(update),
+            "rollout_peak_gib": peak_gib(rollout, device),
+            "update_peak_gib": peak_gib(update, device),
             "weights_gib": round(sum(p.numel() * p.element_size()
                                      for p in policy.parameters()) / 2**30, 2)}
 
@@ -184,16 +188,6 @@ def llamagen_check(dry: bool, device: str) -> dict:
     def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
-
-    def peak(fn) -> float | None:
-        if device != "cuda":
-            fn()
-            return None
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        sync()
-        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
     def rollout() -> None:
         inputs = policy.encode_prompts(prompts * 2)  # one group of G = 8
@@ -218,8 +212,8 @@ def llamagen_check(dry: bool, device: str) -> dict:
         sync()
         seconds = time.perf_counter() - t0
     n_tokens = len(prompts) * policy.num_image_tokens
-    rollout_gib = peak(rollout)
-    update_gib = peak(update)
+    rollout_gib = peak_gib(rollout, device)
+    update_gib = peak_gib(update, device)
     return {"model": f"LlamaGen-T2I {size} widths, 2 layers, {str(dtype)[6:]}, G = 8",
             "tokens": n_tokens, "sampler_tokens_per_s": round(n_tokens / seconds, 1),
             "rollout_peak_gib": rollout_gib, "update_peak_gib": update_gib,

@@ -59,6 +59,17 @@ def _launch_file(tmp: Path, engine: str, precision: str) -> Path:
     return path
 
 
+def _interrupted_after_step2(out: Path, copy: Path) -> Path:
+    """A copy of a finished 3-step run folder as a run killed after its step-2 checkpoint: the
+    step-3 checkpoint, the final model and the ranks' reports removed."""
+    shutil.copytree(out, copy)
+    for p in list(copy.glob("rank*.json")) + list(copy.glob("params*.pt")):
+        p.unlink()
+    shutil.rmtree(copy / "run" / "checkpoints" / "step_000003")
+    shutil.rmtree(copy / "run" / "final")
+    return copy
+
+
 def _run(out: Path, model_dir: Path, engine: str | None, *overrides: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     precision = "bf16" if "run.mixed_precision=bf16" in overrides else "no"
@@ -153,12 +164,7 @@ def test_engine_matches_one_process_exports_and_resumes(engine, janus_dir, singl
     _check_step_folder(run["out"] / "run" / "checkpoints" / "step_000003", run["params"], ranks)
 
     # Resume: drop the last checkpoint, continue from step 2 to 3.
-    resumed = tmp_path / "b"
-    shutil.copytree(run["out"], resumed)
-    for p in list(resumed.glob("rank*.json")) + list(resumed.glob("params*.pt")):
-        p.unlink()
-    shutil.rmtree(resumed / "run" / "checkpoints" / "step_000003")
-    shutil.rmtree(resumed / "run" / "final")
+    resumed = _interrupted_after_step2(run["out"], tmp_path / "b")
     again = _run(resumed, janus_dir, engine, "run.save_every=2", "run.resume=true")
     assert again["ranks"][0]["digest"] == again["ranks"][1]["digest"]
     gap = max(float((again["params"][k] - run["params"][k]).abs().max()) for k in run["params"])
@@ -182,12 +188,7 @@ def test_zero2_lora_checkpoints_adapters_only_resume_and_evaluate(janus_dir, tmp
     assert frozen == [], frozen[:3]  # no frozen base weight was written
     shards = sum(p.stat().st_size for p in (step / "pytorch_model").rglob("*") if p.is_file())
     assert shards < (janus_dir / "model.safetensors").stat().st_size / 5, shards
-    resumed = tmp_path / "b"
-    shutil.copytree(run["out"], resumed)
-    for p in list(resumed.glob("rank*.json")) + list(resumed.glob("params*.pt")):
-        p.unlink()
-    shutil.rmtree(resumed / "run" / "checkpoints" / "step_000003")
-    shutil.rmtree(resumed / "run" / "final")
+    resumed = _interrupted_after_step2(run["out"], tmp_path / "b")
     again = _run(resumed, janus_dir, "zero2", *lora, "run.resume=true")
     gap = max(float((again["params"][k] - run["params"][k]).abs().max()) for k in run["params"])
     assert gap <= 1e-6, f"resumed LoRA run ends {gap:.2e} away from the uninterrupted one"

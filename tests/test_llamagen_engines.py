@@ -14,7 +14,6 @@ argv OUT_DIR MODEL_DIR [dotted overrides...].
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -30,32 +29,9 @@ LAUNCH = {"ddp": "ddp", "zero2": "deepspeed_zero2", "zero3": "deepspeed_zero3", 
 
 def _worker(out: str, model_dir: str, overrides: list[str]) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
-    import test_trainer  # noqa: F401  (registers the test rewards)
+    from engine_run import run_and_report  # the Janus engine tests' worker, on another config
 
-    from stagerl import distributed
-    from stagerl.config import load_config
-    from stagerl.trainer import train
-
-    torch.set_num_threads(1)
-    cfg = load_config(str(ROOT / "configs" / "llamagen_tiny_test.yaml"), [
-        f"model.path={model_dir}", "model.tiny_random=false", "reward.names=[test_redness]",
-        "sampling.prompts_per_step=2", "sampling.group_size=4", "sampling.logprob_chunk=24",
-        "run.steps=3", f"run.out_dir={out}", "run.name=run", "log.image_every=0",
-        "optim.lr=1e-2", *overrides])
-    result = train(cfg)
-    state = distributed.gathered_state(result.engine, result.model)
-    digest = hashlib.sha256()
-    for name, t in sorted(state.items()):
-        digest.update(name.encode())
-        digest.update(t.float().numpy().tobytes())
-    rank = int(os.environ.get("RANK", "0"))
-    trainable = {n for n, p in result.policy.named_parameters() if p.requires_grad}
-    torch.save({k: v.float() for k, v in state.items() if k in trainable},
-               os.path.join(out, f"params{rank}.pt"))
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
-        json.dump({"digest": digest.hexdigest(), "engine": result.engine,
-                   "world": int(os.environ.get("WORLD_SIZE", "1"))}, fh)
-    distributed.hard_exit(0)
+    run_and_report("llamagen_tiny_test.yaml", out, model_dir, overrides)
 
 
 @pytest.fixture(scope="module")
