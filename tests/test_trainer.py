@@ -72,6 +72,9 @@ def test_smoke_two_steps_change_every_parameter_not_the_reference(tmp_path, tiny
                     "algo/m_mean", "adv/std", "optim/grad_norm", "optim/lr", "perf/rollout_s",
                     "policy/clip_frac", "perf/reward_s", "perf/samples_per_s"):
             assert key in r, key
+        # within-group diversity of the G = 4 samples (quality.within_prompt_diversity)
+        assert 0 < r["rollout/diversity/code_distance"] <= 1
+        assert 0 < r["rollout/diversity/distinct_frac"] <= 1
     trained = result.policy.state_dict()
     ref = built["pair"].reference.state_dict()
     for name, p in built["pair"].policy.named_parameters():

@@ -15,6 +15,10 @@ far the policy has moved, so they can show drift that a rising reward hides:
   generated images and that of the pretraining data (tokenizer-encoded ground-truth renders of the
   "train" split), plus the fraction of the codebook used. A finite sample has a JSD above 0 even
   from the same distribution; :func:`pretraining_code_histogram` also gives that floor.
+- **within-prompt diversity** (:func:`within_prompt_diversity`): of the k images of one prompt,
+  the mean pairwise code (token) distance and the fraction of distinct images, averaged over
+  prompts; both 0 for a policy that draws one image per prompt (mode collapse), which the other
+  measures, all pooled over prompts, cannot see.
 - **KL to the base model**: per-token k3 (Schulman's estimator, docs/algorithm.md §6) of the policy's own
   samples, teacher-forced under the policy and the frozen base model (conditional logits, the
   distribution the training KL uses), plus both models' mean entropies on those samples.
@@ -155,6 +159,59 @@ def token_drift(policy: Policy, images: Sequence[Image.Image | np.ndarray],
 
 
 # --------------------------------------------------------------------------------------------------
+# Within-prompt diversity
+
+
+def _groups(tokens: torch.Tensor, group_size: int) -> torch.Tensor:
+    """tokens [N, L], group-major -> [P, k, L]; k >= 2 images per prompt."""
+    if tokens.dim() != 2:
+        raise ValueError(f"within-prompt diversity: tokens must be [N, L], "
+                         f"got {tuple(tokens.shape)}")
+    n = int(tokens.shape[0])
+    if group_size < 2 or n == 0 or n % group_size:
+        raise ValueError(f"within-prompt diversity: {n} token rows are not groups of "
+                         f"{group_size} >= 2 images per prompt")
+    return tokens.reshape(n // group_size, group_size, -1)
+
+
+def pairwise_code_distance(tokens: torch.Tensor, group_size: int) -> float:
+    """Mean pairwise code distance within prompts, in [0, 1].
+
+    ``tokens`` [N, L] hold N = P * k images' codes, group-major (rows ``p*k .. p*k + k - 1`` are
+    prompt p's). For one prompt: the mean over its k(k-1)/2 unordered image pairs (i, j) of the
+    normalised Hamming distance ``#{t : tokens_i[t] != tokens_j[t]} / L``. Returned: the mean of
+    that over the P prompts. 0 when every prompt's images are identical (mode collapse); 1 when
+    every pair differs at every position. Cost O(P k^2 L), no [k, k, L] tensor.
+    """
+    g = _groups(tokens, group_size)
+    k = g.shape[1]
+    total = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
+    for i in range(k - 1):
+        total += (g[:, i:i + 1] != g[:, i + 1:]).double().mean(-1).sum(-1)  # [P]
+    return float((total / (k * (k - 1) / 2)).mean())
+
+
+def distinct_image_frac(tokens: torch.Tensor, group_size: int) -> float:
+    """Fraction of distinct images within prompts, in [0, 1].
+
+    For one prompt with k images (``tokens`` as in :func:`pairwise_code_distance`), d of them
+    distinct (equal codes = the same image): ``(d - 1) / (k - 1)``, i.e. 0 when all k are one image
+    and 1 when no two are equal. Returned: the mean over prompts.
+    """
+    g = _groups(tokens, group_size)
+    k = g.shape[1]
+    distinct = [int(torch.unique(grp, dim=0).shape[0]) for grp in g]
+    return float(np.mean([(d - 1) / (k - 1) for d in distinct]))
+
+
+def within_prompt_diversity(tokens: torch.Tensor, group_size: int) -> dict[str, float]:
+    """{"code_distance": :func:`pairwise_code_distance`, "distinct_frac":
+    :func:`distinct_image_frac`} of ``tokens`` [N, L] in groups of ``group_size`` per prompt."""
+    return {"code_distance": pairwise_code_distance(tokens, group_size),
+            "distinct_frac": distinct_image_frac(tokens, group_size)}
+
+
+# --------------------------------------------------------------------------------------------------
 # KL to the base model
 
 
@@ -192,10 +249,19 @@ def kl_to_base(policy: Policy, base: Policy, prompts: list[str], tokens: torch.T
 
 def quality_measures(policy: Policy, base: Policy | None, prompts: list[str],
                      images: Sequence[Image.Image], reference_hist: torch.Tensor,
-                     spec: WorldSpec = WorldSpec()) -> dict[str, float]:
-    """Cleanliness + token drift + (with ``base``) KL to the base model; N images of N prompts."""
+                     spec: WorldSpec = WorldSpec(), group_size: int = 1) -> dict[str, float]:
+    """Cleanliness + token drift + (with ``base``) KL to the base model; N images of N prompts.
+
+    With ``group_size`` k >= 2 (the images come k per prompt, group-major) it adds the
+    within-prompt diversity as ``diversity_code_distance`` and ``diversity_distinct_frac``."""
     out = cleanliness(images, spec)
     out.update(token_drift(policy, images, reference_hist))
+    tokens = None
     if base is not None:
-        out.update(kl_to_base(policy, base, prompts, encode_images(policy, images)))
+        tokens = encode_images(policy, images)
+        out.update(kl_to_base(policy, base, prompts, tokens))
+    if group_size >= 2:
+        tokens = encode_images(policy, images) if tokens is None else tokens
+        out.update({f"diversity_{k}": v
+                    for k, v in within_prompt_diversity(tokens, group_size).items()})
     return out

@@ -18,6 +18,7 @@ from stagerl import algo
 from stagerl.data import PromptItem, mix_seed
 from stagerl.policies.base import Policy, PromptInputs, SamplingParams
 from stagerl.policies.sampling import group_noise, sample_tokens
+from stagerl.quality import within_prompt_diversity
 from stagerl.rewards.base import RewardSet
 from stagerl.config_schema import Config
 
@@ -149,8 +150,12 @@ def rollout(policy: Policy, reference: Policy | None, items: list[PromptItem], f
         ro.metrics["rollout/logprob_gap"] = gap
     if ref_lp is not None:
         ro.metrics["policy/kl_k3"] = float(algo.kl_divergence(old_lp, ref_lp, "k3").mean())
-    ro.metrics.update({"perf/sample_s": t1 - t0, "perf/logprob_decode_s": t2 - t1,
-                       "perf/reward_s": t3 - t2, "perf/advantage_s": time.perf_counter() - t3})
+    perf = {"perf/sample_s": t1 - t0, "perf/logprob_decode_s": t2 - t1,
+            "perf/reward_s": t3 - t2, "perf/advantage_s": time.perf_counter() - t3}
+    if G >= 2:  # mode collapse within a group (quality.within_prompt_diversity)
+        ro.metrics.update({f"rollout/diversity/{k}": v
+                           for k, v in within_prompt_diversity(tokens, G).items()})
+    ro.metrics.update(perf)
     return ro
 
 

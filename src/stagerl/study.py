@@ -216,7 +216,8 @@ def evaluate_model(policy: Policy, base: Policy | None, out_dir: Path, plan: Stu
         images += [im for ims in res.images for im in ims]
     ref_hist, floor = pretraining_code_histogram(policy, plan.quality_ref_examples,
                                                  n_floor=len(images))
-    result["quality"] = quality_measures(policy, base, prompts, images, ref_hist)
+    result["quality"] = quality_measures(policy, base, prompts, images, ref_hist,
+                                         group_size=plan.eval_images)
     result["quality"]["code_jsd_floor"] = floor
     cache.write_text(json.dumps(result, indent=1))
     return result

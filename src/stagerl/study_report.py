@@ -41,6 +41,10 @@ QUALITY = [("fragments_per_image", "fragments / image", False),
            ("kl_k3", "KL to base (k3 / token)", False),
            ("entropy", "entropy (nats / token)", None),
            ("entropy_gap", "|entropy - base entropy|", False)]
+# Within-prompt diversity: shown when the evaluation has it (>= 2 images per prompt; evaluations
+# stored before it was measured do not).
+DIVERSITY = [("diversity_code_distance", "within-prompt code distance", None),
+             ("diversity_distinct_frac", "within-prompt distinct images", None)]
 HEADLINE = [("test/strict/overall", "in-distribution strict", True),
             ("compositions/strict/overall", "held-out compositions strict", True),
             ("phrasings/strict/overall", "held-out phrasings strict", True),
@@ -179,6 +183,7 @@ def suite_tables(summary: StudySummary, groups: Groups) -> list[str]:
 
 def quality_table(summary: StudySummary, groups: Groups) -> str:
     keys = [(f"quality/{k}", lab) for k, lab, _ in QUALITY]
+    keys += [(f"quality/{k}", lab) for k, lab, _ in DIVERSITY if k in summary.base["quality"]]
     floor = summary.base["quality"].get("code_jsd_floor", float("nan"))
     return ("### Quality and drift (all three suites' images pooled)\n\n"
             + markdown_table(_table_rows(summary, groups, keys),
