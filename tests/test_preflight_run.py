@@ -293,8 +293,11 @@ def test_train_fails_before_the_model_loads(case, tmp_path, empty_hub, monkeypat
 
 def test_other_ranks_stay_quiet_and_leave_the_line_for_the_launcher(tmp_path, monkeypatch,
                                                                      capsys):
-    codes = []
+    codes, waits = [], []
     monkeypatch.setattr(cli, "hard_exit", codes.append)
+    # A rank other than 0 waits before exiting, so that the launcher does not stop rank 0 before
+    # it has printed the line (a race seen under torchrun when rank 1 got there first).
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -305,6 +308,7 @@ def test_other_ranks_stay_quiet_and_leave_the_line_for_the_launcher(tmp_path, mo
         assert len(lines) == (0 if rank == "1" else 1), lines
         line = json.loads(error_file.read_text())["message"]["extraInfo"]["py_callstack"]
         assert line.startswith("stagerl: error: unknown reward 'nope'")
+        assert waits == [cli.LATE_RANK_GRACE_S], waits  # rank 1 waited; rank 0 did not
     assert codes == [2, 2]
 
 

@@ -353,6 +353,9 @@ def _quiet_deepspeed_on_cpu() -> None:
             os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+LATE_RANK_GRACE_S = 10.0  # how long a rank other than 0 waits before exiting on a user error
+
+
 def _report(line: str, distributed: bool) -> None:
     """Print a final ``stagerl: ...`` line on stderr: once per launch, by rank 0, when several
     processes run (each meets the same preflight error, before any collective). Every rank also
@@ -385,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         _report(f"stagerl: error: {' '.join(str(err).split())}", distributed)
         code = err.exit_code
+        if distributed and not _main_process():
+            # Rank 0 meets the same error and prints it; a rank that got there first waits, or
+            # the launcher would stop rank 0 (SIGTERM) before it printed anything. An error only
+            # this rank met still ends the launch, LATE_RANK_GRACE_S later.
+            time.sleep(LATE_RANK_GRACE_S)
     except KeyboardInterrupt:
         _report("stagerl: interrupted", distributed)
         code = 130
