@@ -242,7 +242,7 @@ def test_server_killed_mid_request_client_retries_nothing_lost(tmp_path):
 def test_cli_args_and_errors(tmp_path):
     import argparse
 
-    from stagerl.rewards.server import _cli_kwargs, add_cli_args, run_cli
+    from stagerl.rewards.server_cli import _cli_kwargs, add_cli_args, run_cli
 
     parser = argparse.ArgumentParser()
     add_cli_args(parser)

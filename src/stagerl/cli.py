@@ -33,7 +33,7 @@ from stagerl.config_schema import Config
 
 # Subcommands implemented elsewhere expose add_cli_args(parser) and run_cli(args) -> int.
 _DELEGATED = {
-    "reward-server": ("stagerl.rewards.server", "Serve registered rewards over HTTP."),
+    "reward-server": ("stagerl.rewards.server_cli", "Serve registered rewards over HTTP."),
     "merge-lora": ("stagerl.policies.janus", "Merge a LoRA checkpoint into a full Janus model."),
 }
 

@@ -231,7 +231,7 @@ def check_prompts_readable(model_cfg: Any, source: str) -> None:
     """``data.source`` prompts the shapes model cannot read (no word of its vocabulary: it would
     draw unconditional pictures and learn nothing) are refused, naming file and line."""
     if getattr(model_cfg, "kind", "tiny") == "llamagen":
-        from stagerl.policies.llamagen import check_c2i_prompts
+        from stagerl.policies.llamagen_cond import check_c2i_prompts
 
         check_c2i_prompts(model_cfg, source)
         return

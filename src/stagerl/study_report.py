@@ -1,18 +1,14 @@
 """docs/results.md, plots and the image grid of a ``stagerl study`` summary (docs/study.md).
 
 Everything here is generated from ``OUT/summary.json`` and the run folders; no number is typed in by
-hand. Comparisons use the seed-to-seed spread: a difference d between two rows' means is called
-*clear* when |d| > 2 se, with se = sqrt(s_a^2/n_a + s_b^2/n_b) (sample std over seeds), else
-*within seed noise*. With 3 seeds that is a rough screen, not a significance test; the text says
-which it is.
+hand. Rows are compared over seeds by :mod:`stagerl.study_stats` (a difference is *clear* when it
+exceeds 2 se; with 3 seeds a rough screen, not a significance test; the text says which it is).
 """
 
 from __future__ import annotations
 
 import datetime
-import math
 import subprocess
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +16,7 @@ import numpy as np
 from stagerl.eval import SHAPES_SUITES, markdown_table
 from stagerl.study_common import (CONDITIONS, ByLr, LrKey, StudySummary, _lr_label, _lr_order,
                                   frontier_levels, matched_kl, sweep_runs)
+from stagerl.study_stats import Comparison, compare, digits, fmt
 
 LABELS = {"base": "base model", "vanilla_grpo": "vanilla GRPO", "plus_ent": "+Ent",
           "stage": "STAGE", "wo_kl": "w/o KL", "wo_ent_kl": "w/o Ent & KL", "gcpo": "GCPO",
@@ -98,57 +95,6 @@ def _with_main(groups: Groups, row: str, cond: str | None) -> list[dict[str, flo
     return None
 
 
-def stats(values: list[float]) -> tuple[float, float, int]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return float("nan"), float("nan"), 0
-    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-    return float(np.mean(vals)), std, len(vals)
-
-
-def _digits(x: float) -> int:
-    """3 decimals, 4 for small magnitudes (KL and JSD live around 1e-3)."""
-    return 4 if 0 < abs(x) < 0.1 else 3
-
-
-def fmt(values: list[float]) -> str:
-    m, s, n = stats(values)
-    if n == 0:
-        return "n/a"
-    d = _digits(m)
-    return f"{m:.{d}f}" if n == 1 else f"{m:.{d}f} ± {s:.{d}f}"
-
-
-@dataclass
-class Comparison:
-    """a vs b over seeds: means, their difference d and its se, and the verdict."""
-
-    a: float
-    b: float
-    d: float
-    se: float
-    clear: bool  # |d| > 2 se
-    # "better" or "worse" (said of a; when higher or lower is better), "different" (when neither
-    # is), or "within seed noise" (not clear)
-    word: str
-    na: int  # seeds behind a
-    nb: int
-
-
-def compare(a: list[float], b: list[float], higher_better: bool | None) -> Comparison:
-    """a vs b: difference of means, se, and a verdict word."""
-    ma, sa, na = stats(a)
-    mb, sb, nb = stats(b)
-    d = ma - mb
-    se = math.sqrt((sa ** 2 / na if na else 0) + (sb ** 2 / nb if nb else 0))
-    clear = abs(d) > 2 * se and abs(d) > 1e-9
-    if higher_better is None or not clear:
-        word = "within seed noise" if not clear else "different"
-    else:
-        word = "better" if (d > 0) == higher_better else "worse"
-    return Comparison(a=ma, b=mb, d=d, se=se, clear=clear, word=word, na=na, nb=nb)
-
-
 # --------------------------------------------------------------------------------------------------
 # Markdown
 
@@ -194,7 +140,7 @@ def quality_table(summary: StudySummary, groups: Groups) -> str:
 
 
 def _sentence(label: str, c: Comparison, a_name: str, b_name: str) -> str:
-    k = max(_digits(c.a), _digits(c.b), _digits(c.d))
+    k = max(digits(c.a), digits(c.b), digits(c.d))
     diff = (f"{c.a:.{k}f} vs {c.b:.{k}f} (difference {c.d:+.{k}f}, "
             f"2 se = {2 * c.se:.{k}f}; " + (f"{c.na} vs {c.nb} seeds)" if c.nb > 1
                                             else f"{c.na} seeds vs one evaluation)"))
@@ -274,7 +220,7 @@ def curve_matched_kl_section(summary: StudySummary) -> list[str]:
 def _diff_cell(a: list[float], b: list[float], hb: bool | None) -> str:
     c = compare(a, b, hb)
     mark = f" ({c.word})" if c.clear else ""
-    k = _digits(c.d)
+    k = digits(c.d)
     return f"{c.d:+.{k}f} ± {2 * c.se:.{k}f}{mark}"
 
 

@@ -9,8 +9,10 @@ shape matches (``load_state_dict`` strict).
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +21,8 @@ from torch import nn
 from stagerl.errors import UserError
 from stagerl.policies.llamagen_model import SIZES
 
+FORMAT = "stagerl.llamagen.v1"  # config.json of a folder that LlamaGenPolicy.save_pretrained wrote
+_CONFIG = "config.json"
 _WRAPPER_KEYS = ("model", "module", "state_dict")  # official train scripts: DDP, DeepSpeed, other
 _PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
 _GPT_KEYS = ("tok_embeddings.weight", "layers.0.attention.wqkv.weight", "norm.weight",
@@ -175,3 +179,14 @@ def check_llamagen_files(model_cfg: Any, what: str = "model.path") -> None:
     names = getattr(model_cfg, "class_names", "")
     if names and not os.path.isfile(os.path.expanduser(str(names))):
         raise UserError(f"model.class_names: no such file: {names}")
+
+
+def is_stagerl_dir(path: str) -> bool:
+    """A folder written by :meth:`LlamaGenPolicy.save_pretrained`."""
+    cfg = Path(os.path.expanduser(path)) / _CONFIG
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == FORMAT
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False
