@@ -13,7 +13,7 @@ from stagerl.cli_eval import EvalOptions, SampleOptions
 from stagerl.cli_options import options_help
 from stagerl.config import field_help
 from stagerl.pretrain import PretrainOptions
-from stagerl.study_cli import StudyOptions
+from stagerl.study.cli import StudyOptions
 
 # The other commands' options: (command, options class); docs/config.md lists them after the
 # training config.

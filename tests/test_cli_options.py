@@ -93,7 +93,7 @@ def test_pretrain_options_are_the_recipe_plus_out():
 
 
 def test_study_options_lists_and_raw_overrides(tmp_path):
-    from stagerl.study_cli import StudyOptions, command_line
+    from stagerl.study.cli import StudyOptions, command_line
 
     f = tmp_path / "study.yaml"
     f.write_text("seeds: 2\nconditions: [lenient]\n")

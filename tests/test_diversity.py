@@ -68,8 +68,8 @@ def test_quality_measures_add_diversity_and_change_nothing_else():
 def test_the_quality_table_shows_diversity_only_when_measured():
     from test_study import _disk_summary
 
-    from stagerl.study_common import StudySummary
-    from stagerl.study_report import group_runs, quality_table
+    from stagerl.study.common import StudySummary
+    from stagerl.study.report import group_runs, quality_table
 
     old = StudySummary.from_dict(_disk_summary())  # stored before diversity was measured
     assert "within-prompt" not in quality_table(old, group_runs(old))

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-import stagerl.study as study_mod
+import stagerl.study.run as study_mod
 from conftest import make_tiny_policy
 from stagerl.cli import main
 from stagerl.policies.tiny import TinyPolicy
 from stagerl.quality import (cleanliness, code_histogram, encode_images, js_divergence,
                              kl_to_base, pretraining_code_histogram)
 from stagerl.rewards.base import RewardOutput, register_reward
-from stagerl.study_common import (CurvePoint, StudyPlan, StudyRun, StudySettings, StudySummary,
+from stagerl.study.common import (CurvePoint, StudyPlan, StudyRun, StudySettings, StudySummary,
                                   _score_at_kl, frontier_levels, matched_kl)
 from stagerl.worlds.shapes.prompts import generate
 
@@ -244,7 +244,7 @@ def test_frontier_helpers_interpolate_at_matched_kl():
 
 
 def test_peer_rows_are_read_at_matched_kl_along_the_main_curves():
-    from stagerl.study_report import curve_matched_kl_section
+    from stagerl.study.report import curve_matched_kl_section
     runs = [_run([0, 0.02, 0.04], [0.5, 0.6, 0.7], row="vanilla_grpo", seed=s) for s in (0, 1)]
     runs += [_run([0, 0.01, 0.02], [0.5, 0.7, 0.9], row="gcpo", seed=s) for s in (0, 1)]
     runs += [_run([0, 0.08, 0.1], [0.5, 0.9, 0.9], row="gcpo", lr_mult=2.0)]  # a sweep run: out
@@ -381,7 +381,7 @@ def test_jobs_run_in_worker_processes(tmp_path, model_dir, monkeypatch):
 
 def test_grid_cache_follows_the_weights(tmp_path):
     """A retrained run must not show the images cached for the run it replaced."""
-    from stagerl.study_figures import _weights_tag
+    from stagerl.study.figures import _weights_tag
 
     (tmp_path / "model.safetensors").write_bytes(b"one")
     first = _weights_tag(str(tmp_path))

@@ -235,7 +235,7 @@ def _study_progress() -> Callable[[str], None]:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from stagerl.study_cli import run_from_args
+    from stagerl.study.cli import run_from_args
 
     summary, paths = run_from_args(args, progress=_study_progress())
     print(f"study finished in {summary.wall_seconds / 60:.1f} min "
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("study", help="Run the STAGE-vs-GRPO reproduction study on the shapes "
                                       "world.")
     st.set_defaults(fn=cmd_study)
-    importlib.import_module("stagerl.study_cli").add_cli_args(st)
+    importlib.import_module("stagerl.study.cli").add_cli_args(st)
 
     for name, (module, help_) in _DELEGATED.items():
         d = sub.add_parser(name, help=help_)

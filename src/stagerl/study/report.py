@@ -1,7 +1,7 @@
 """docs/results.md, plots and the image grid of a ``stagerl study`` summary (docs/study.md).
 
 Everything here is generated from ``OUT/summary.json`` and the run folders; no number is typed in by
-hand. Rows are compared over seeds by :mod:`stagerl.study_stats` (a difference is *clear* when it
+hand. Rows are compared over seeds by :mod:`stagerl.study.stats` (a difference is *clear* when it
 exceeds 2 se; with 3 seeds a rough screen, not a significance test; the text says which it is).
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from stagerl.eval import SHAPES_SUITES, markdown_table
-from stagerl.study_common import (CONDITIONS, ByLr, LrKey, StudySummary, _lr_label, _lr_order,
+from stagerl.study.common import (CONDITIONS, ByLr, LrKey, StudySummary, _lr_label, _lr_order,
                                   frontier_levels, matched_kl, sweep_runs)
-from stagerl.study_stats import Comparison, compare, digits, fmt
+from stagerl.study.stats import Comparison, compare, digits, fmt
 
 LABELS = {"base": "base model", "vanilla_grpo": "vanilla GRPO", "plus_ent": "+Ent",
           "stage": "STAGE", "wo_kl": "w/o KL", "wo_ent_kl": "w/o Ent & KL", "gcpo": "GCPO",
@@ -185,7 +185,7 @@ def findings(summary: StudySummary, groups: Groups) -> list[str]:
 def curve_matched_kl_section(summary: StudySummary) -> list[str]:
     """Where the peer methods stand at matched KL along the main runs' training curves (lr x1
     only): the held-out score of each in-training evaluation where the training KL first reaches
-    each level (the frontier's levels and interpolation, study_common.matched_kl)."""
+    each level (the frontier's levels and interpolation, common.matched_kl)."""
     rows = [r for r in ("vanilla_grpo", "stage", *PEERS) if r in summary.plan.rows]
     if not any(r in PEERS for r in rows) or "vanilla_grpo" not in rows:
         return []

@@ -12,9 +12,9 @@ Two extensions make the comparison a matched one (docs/study.md, "Settings and t
   ``lenient``: trained on a reward the shapes world can game, evaluated with the strict rule;
 - **the learning-rate sweep** retrains the compared rows at multiples of the learning rate, in the
   main setting and/or in conditions; every run's in-training evaluations (held-out strict score) and
-  its training KL to the base give the reward-KL frontier of :mod:`stagerl.study_figures`.
+  its training KL to the base give the reward-KL frontier of :mod:`stagerl.study.figures`.
 
-:mod:`stagerl.study_report` renders docs/results.md; :mod:`stagerl.study_figures` writes its plots and grid.
+:mod:`stagerl.study.report` renders docs/results.md; :mod:`stagerl.study.figures` writes its plots and grid.
 
 Runs are independent: each is a pure function of (row, seed, condition, lr multiple, plan), written
 to its own folder ``OUT/runs/<row>[-<condition>][-lr<m>]-s<seed>``. A run whose folder holds a
@@ -42,7 +42,7 @@ from stagerl.data import EVAL_SEED
 from stagerl.eval import SHAPES_SUITES, evaluate_suite
 from stagerl.policies.base import Policy, SamplingParams
 # ROWS, COMPARE_ROWS, MAIN, StudyPlan and CONDITIONS are re-exported: the study's public names.
-from stagerl.study_common import (COMPARE_ROWS, CONDITIONS, MAIN, ROWS,  # noqa: F401
+from stagerl.study.common import (COMPARE_ROWS, CONDITIONS, MAIN, ROWS,  # noqa: F401
                                   CurvePoint, StudyPlan, StudyRun, StudySettings, StudySummary,
                                   load_policy)
 from stagerl.trainer import train

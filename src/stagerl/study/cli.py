@@ -1,6 +1,6 @@
 """``stagerl study``'s options (one typed dataclass, given as flags, an options YAML file and
 ``key=value`` overrides like every command's) and their checks: the plan from the options, then the
-study and its report (:mod:`stagerl.study`, :mod:`stagerl.study_figures`)."""
+study and its report (:mod:`stagerl.study.run`, :mod:`stagerl.study.figures`)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from stagerl.cli_options import add_option_flags, field_default, flag, options_f
 from stagerl.config import FieldError, load_config
 from stagerl.config_schema import _f
 from stagerl.errors import UserError
-from stagerl.study import plan_jobs, run_study
-from stagerl.study_common import COMPARE_ROWS, CONDITIONS, MAIN, ROWS, StudyPlan, StudySummary
-from stagerl.study_figures import write_report
+from stagerl.study.run import plan_jobs, run_study
+from stagerl.study.common import COMPARE_ROWS, CONDITIONS, MAIN, ROWS, StudyPlan, StudySummary
+from stagerl.study.figures import write_report
 
 
 @dataclass

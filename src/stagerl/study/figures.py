@@ -1,5 +1,5 @@
 """The study's figures (training curves, reward-KL frontiers, drift curves, the image grid) and
-:func:`write_report`, which writes them beside the page :mod:`stagerl.study_report` renders.
+:func:`write_report`, which writes them beside the page :mod:`stagerl.study.report` renders.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 
 from stagerl.data import EVAL_SEED
 from stagerl.policies.tiny import resolve_model_path
-from stagerl.study_common import (StudyRun, StudySummary, _lr_label, _lr_order, load_policy,
+from stagerl.study.common import (StudyRun, StudySummary, _lr_label, _lr_order, load_policy,
                                   sweep_runs)
-from stagerl.study_report import LABELS, REWARD_CONDITIONS, render_markdown
+from stagerl.study.report import LABELS, REWARD_CONDITIONS, render_markdown
 
 
 def _reward_key(rows: list[dict]) -> str | None:
