@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from stagerl.algo.advantages import ADV_SCALES
-from stagerl.algo.entropy import ENTROPY_MODES
+from stagerl.algo.entropy import ENTROPY_MODES, ENTROPY_TIED
 from stagerl.algo.kl import KL_ESTIMATORS
 from stagerl.algo.losses import LOSS_AGGREGATIONS, RATIO_LEVELS
 from stagerl.algo.weights import PARTNER_SETS
@@ -134,6 +134,11 @@ class AlgoConfig:
     entropy_reward: str = _f("max_only", "Entropy reward mode (docs/algorithm.md §3): off, "
                              "max_only (the paper) or all.", choices=ENTROPY_MODES)
     entropy_coef: float = _f(0.4, "lambda, the entropy-reward coefficient.", min=0.0)
+    entropy_tied: str = _f("keep", "What a prompt group tied on the combined reward gets from the "
+                           "entropy reward (docs/algorithm.md §3): 'keep' (the authors') = the "
+                           "bonus, which the tiny group std then scales to a full-size advantage; "
+                           "'drop' = no bonus, so the group's advantages are exactly 0.",
+                           choices=ENTROPY_TIED)
     beta: float = _f(0.03, "beta, the KL coefficient; 0 disables the KL term.", min=0.0)
     kl_estimator: str = _f("k3", "KL estimator (Schulman's k1, k2 or k3; docs/algorithm.md §6).",
                            choices=tuple(KL_ESTIMATORS))

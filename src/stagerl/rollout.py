@@ -194,7 +194,8 @@ def score_rollout(columns: torch.Tensor, valid: torch.Tensor, group_index: torch
     if entropy_on:
         total, bonus = algo.entropy_reward(total, entropy.double().mean(1),
                                            ref_entropy.double().mean(1), gi,
-                                           mode=a.entropy_reward, coef=a.entropy_coef)
+                                           mode=a.entropy_reward, coef=a.entropy_coef,
+                                           tied=a.entropy_tied, tied_std=cfg.reward.tied_std)
         metrics["reward/entropy_bonus_abs"] = float(bonus.abs().mean())
     total = torch.where(silenced, torch.zeros_like(total), total)
     adv = algo.group_advantages(total, gi, eps=a.adv_eps, scale=a.adv_scale, counted=~silenced)

@@ -5,7 +5,10 @@
 2. e_i = 1 / (1 + (H̄^ref_i − H̄_i)²), so e_i = 1 when the two entropies match;
 3. mode ``max_only`` (the authors'): only samples whose R_i equals the group maximum keep e_i, and
    R_i ← R_i + λ·(e_i − mean of the kept e_j) for those samples only, λ = 0.4;
-4. mode ``all``: the same formula over every sample of the group; mode ``off``: no bonus.
+4. mode ``all``: the same formula over every sample of the group; mode ``off``: no bonus;
+5. ``tied="drop"`` (not the authors'; docs/algorithm.md §3): a group whose R is tied (group std
+   <= ``tied_std``) gets no bonus, so its advantages stay exactly 0; ``"keep"`` (the authors') gives
+   it the bonus like any other group.
 
 Why it stabilises (docs/algorithm.md §3): in a fully tied group every sample is a "max" sample and the
 group std is ~0, so after normalisation the tiny bonus becomes a full-size advantage that pulls the
@@ -21,10 +24,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from stagerl.algo._groups import as_float, group_max, group_sum, groups_of
+from stagerl.algo._groups import as_float, group_centered_std, group_max, group_sum, groups_of
 from stagerl.errors import UserError
 
 ENTROPY_MODES = ("off", "max_only", "all")
+#: What a group tied on R gets (docs/algorithm.md §3): the bonus ("keep", the authors') or none.
+ENTROPY_TIED = ("keep", "drop")
 
 
 def entropy_gap(entropy_mean: Tensor, ref_entropy_mean: Tensor) -> Tensor:
@@ -50,7 +55,8 @@ def entropy_score(entropy_mean: Tensor, ref_entropy_mean: Tensor) -> Tensor:
 
 def entropy_reward(rewards: Tensor, entropy_mean: Tensor, ref_entropy_mean: Tensor,
                    group_index: Tensor, mode: str = "max_only",
-                   coef: float = 0.4) -> tuple[Tensor, Tensor]:
+                   coef: float = 0.4, tied: str = "keep",
+                   tied_std: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Add the entropy bonus to the combined rewards R_i (docs/algorithm.md §3).
 
     Args:
@@ -60,11 +66,19 @@ def entropy_reward(rewards: Tensor, entropy_mean: Tensor, ref_entropy_mean: Tens
         group_index: [N] group label of each sample.
         mode: "off", "max_only" (authors) or "all".
         coef: λ (authors: 0.4).
+        tied: "keep" (authors): a group whose R_i are all equal gets the bonus too, and after
+            normalisation by its tiny std that bonus is its whole advantage; "drop": such a group
+            gets no bonus (R' = R there, so its advantages are exactly 0).
+        tied_std: a group is tied when the unbiased std of its R_i is <= this (authors: 1e-6,
+            the tie threshold of ``combine_rewards``).
 
     Returns:
         (R' [N], bonus [N]) with R' = R + bonus; both detached. ``bonus`` is exactly 0 where no
-        bonus was added (mode off, or a non-max sample under max_only).
+        bonus was added (mode off, a non-max sample under max_only, a tied group under drop).
     """
+    if tied not in ENTROPY_TIED:
+        raise UserError(f"unknown algo.entropy_tied {tied!r}; choose from "
+                        f"{', '.join(ENTROPY_TIED)}")
     if mode not in ENTROPY_MODES:
         raise UserError(f"unknown entropy reward mode {mode!r}; choose from "
                         f"{', '.join(ENTROPY_MODES)}")
@@ -88,4 +102,9 @@ def entropy_reward(rewards: Tensor, entropy_mean: Tensor, ref_entropy_mean: Tens
     # Every group has >= 1 kept sample (its max), so no 0/0.
     u_kept_mean = group_sum(u * kept_f, g) / group_sum(kept_f, g).clamp(min=1)  # [P]
     bonus = torch.where(kept, coef * (u_kept_mean[g.inverse] - u), torch.zeros_like(u))
+    if tied == "drop":
+        # std is exactly 0 for a constant group (group_centered_std); a NaN std is not "tied",
+        # so a NaN reward still surfaces instead of being silenced here.
+        _, std = group_centered_std(rewards, g)
+        bonus = torch.where(std <= tied_std, torch.zeros_like(bonus), bonus)
     return rewards + bonus, bonus
