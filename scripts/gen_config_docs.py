@@ -14,11 +14,12 @@ from stagerl.cli_options import options_help
 from stagerl.config import field_help
 from stagerl.pretrain import PretrainOptions
 from stagerl.study.cli import StudyOptions
+from stagerl.proxies.build import ProxyOptions
 
 # The other commands' options: (command, options class); docs/config.md lists them after the
 # training config.
-COMMANDS = [("pretrain", PretrainOptions), ("eval", EvalOptions), ("sample", SampleOptions),
-            ("study", StudyOptions)]
+COMMANDS = [("pretrain", PretrainOptions), ("pretrain-reward", ProxyOptions),
+            ("eval", EvalOptions), ("sample", SampleOptions), ("study", StudyOptions)]
 
 HEADER = """# Config reference
 

@@ -36,8 +36,10 @@ STUDY = ["--out", "study", "--docs", "docs", "--model", "{tiny}", "--configs",
 # test) instead of training or serving; the case's own arguments come after them and win.
 PRETRAIN = ["--steps", "1", "--train-examples", "16", "--batch-size", "4", "--eval-prompts", "1",
             "--eval-images-per-prompt", "1", "--eval-cfg-scales", "2"]
+PRETRAIN_REWARD = ["--steps", "1", "--renders", "8", "--samples", "4", "--eval-samples", "4",
+                   "--eval-renders", "4", "--batch", "4", "--out", "out"]
 BASE = {"train": TRAIN, "eval": EVAL, "sample": SAMPLE, "study": STUDY, "pretrain": PRETRAIN,
-        "reward-server": ["--no-preload"]}
+        "pretrain-reward": PRETRAIN_REWARD, "reward-server": ["--no-preload"]}
 
 # (id, argv, text the error line must contain)
 CASES: list[tuple[str, list[str], str]] = [
@@ -114,6 +116,21 @@ CASES: list[tuple[str, list[str], str]] = [
      "canvass"),
     ("reward_kwargs_nan", ["train", "reward.kwargs={shapes_strict: {canvas: .nan}}"],
      "reward.kwargs"),
+    ("proxy_unknown", ["train", "reward.names=[shapes_detecter]"], "'shapes_detector'"),
+    ("proxy_not_a_proxy", ["train", "reward.names=[shapes_detector]",
+                           "reward.kwargs={shapes_detector: {weights: '{fx}/runs'}}"],
+     "is not a proxy reward"),
+    ("proxy_other_kind", ["train", "reward.names=[shapes_scorer]",
+                          "reward.kwargs={shapes_scorer: {weights: 'builtin:shapes_detector'}}"],
+     "holds a detector proxy"),
+    ("proxy_other_world", ["train", "reward.names=[shapes_detector]",
+                           "reward.kwargs={shapes_detector: {canvas: 48}}"],
+     "another world spec (canvas: 32"),
+    ("monitor_unknown", ["train", "reward.monitor=[shapes_strictt]"], "shapes_strictt"),
+    ("pretrain_reward_unknown", ["pretrain-reward", "shapes_detecter"], "shapes_detecter"),
+    ("pretrain_reward_width_zero", ["pretrain-reward", "shapes_detector", "--width", "0"],
+     "--width"),
+    ("study_proxy_unknown", ["study", "--proxy", "shapes_detecter"], "--proxy"),
     ("data_binary", ["train", "data.source={fx}/bin.txt"], "bin.txt: not UTF-8"),
     ("data_missing", ["train", "data.source=no/such/prompts.txt"], "no/such/prompts.txt"),
     ("data_split_unknown", ["train", "data.source=shapes:bogus"], "bogus"),

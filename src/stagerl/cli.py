@@ -29,6 +29,7 @@ from stagerl.distributed import hard_exit
 from stagerl import quiet
 from stagerl.errors import UserError
 from stagerl.pretrain import PretrainOptions
+from stagerl.proxies.build import ProxyOptions
 from stagerl.config_schema import Config
 
 # Subcommands implemented elsewhere expose add_cli_args(parser) and run_cli(args) -> int.
@@ -211,6 +212,29 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain_reward(args: argparse.Namespace) -> int:
+    import shlex
+
+    from stagerl.cli_options import options_from_args
+    from stagerl.preflight import check_output_dir
+    from stagerl.proxies.proxy import save_proxy
+    from stagerl.proxies.build import ProxyOptions, build_proxy, proxy_card
+
+    opts = options_from_args(ProxyOptions, args, args.options)
+    out = opts.out or f"runs/proxy-{args.name}"
+    check_output_dir(out, "--out")
+    proxy = build_proxy(args.name, opts.recipe())
+    save_proxy(proxy, out)
+    command = shlex.join(["stagerl", *sys.argv[1:]])  # as typed, for the card
+    (Path(out) / "CARD.md").write_text(proxy_card(proxy, command))
+    print(f"saved to {out}  ({proxy.meta['seconds']['total']:.0f}s, "
+          f"{proxy.meta['parameters']:,} parameters)")
+    for where, a in proxy.meta["agreement"].items():
+        print(f"  {where}: strict agreement with gold {a['strict_agreement']:.3f}, false pass "
+              f"{a['false_pass']:.3f}, false fail {a['false_fail']:.3f} (n={int(a['n'])})")
+    return 0
+
+
 def _study_progress() -> Callable[[str], None]:
     """The study reports "[k/N] run" and "[k/N] run done"; on a terminal that becomes a bar over
     the N runs with an ETA, elsewhere one printed line per message."""
@@ -297,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", help="Pretrain the shapes-world tokenizer and model.")
     pt.set_defaults(fn=cmd_pretrain)
     add_option_flags(pt, PretrainOptions)
+    pr = sub.add_parser("pretrain-reward", help="Build a learned proxy reward of the shapes "
+                        "world (shapes_detector, shapes_scorer), labelled by the exact evaluator.")
+    pr.add_argument("name", choices=("shapes_detector", "shapes_scorer"),
+                    help="which proxy to build")
+    pr.set_defaults(fn=cmd_pretrain_reward)
+    add_option_flags(pr, ProxyOptions)
     st = sub.add_parser("study", help="Run the STAGE-vs-GRPO reproduction study on the shapes "
                                       "world.")
     st.set_defaults(fn=cmd_study)

@@ -110,6 +110,10 @@ class RewardConfig:
     names: list[str] = _f(["shapes_strict"], "Registered reward names, combined as R = sum_k w_k r_k.")
     weights: list[float] = _f([], "Weights w_k, one per name; empty = all 1 (the paper).")
     kwargs: dict[str, Any] = _f({}, "Per-reward keyword arguments: {reward_name: {arg: value}}.")
+    monitor: list[str] = _f([], "Rewards scored on every rollout and logged as "
+                            "monitor/<name>/mean, never trained on (arguments from "
+                            "reward.kwargs). A learned proxy reward adds its gold rewards "
+                            "(shapes_strict, shapes_lenient) itself (docs/rewards.md).")
     drop_tied_columns: bool = _f(True, "Drop a reward column whose values are identical within a "
                                  "group before summing (authors' mask_pos_neg, docs/algorithm.md §2).")
     tied_std: float = _f(1e-6, "A column counts as tied within a group when its std <= this.", min=0.0)

@@ -212,15 +212,20 @@ class ShapesEval:
     partial: float  # mean partial-credit score over all images
     items: list[PromptItem] = field(repr=False, compare=False)
     images: list[list[Image.Image]] = field(repr=False, compare=False)
+    # mean score of each learned proxy reward trained on, on the same images (the trainer adds
+    # it: gold and proxy side by side; docs/rewards.md, "Learned proxy rewards")
+    proxy: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the prompts and images: what results.json and run folders store."""
-        return {k: getattr(self, k) for k in _STORED}
+        return {**{k: getattr(self, k) for k in _STORED},
+                **({"proxy": self.proxy} if self.proxy else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ShapesEval":
         """A stored evaluation (:meth:`to_dict`), without its prompts and images."""
-        return cls(**{k: d[k] for k in _STORED}, items=[], images=[])
+        return cls(**{k: d[k] for k in _STORED}, items=[], images=[],
+                   proxy=dict(d.get("proxy") or {}))  # absent from files of older versions
 
 
 _STORED = ("suite", "prompts", "images_per_prompt", "cfg_scale", "temperature", "top_k", "top_p",

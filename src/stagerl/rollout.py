@@ -110,12 +110,15 @@ def generate(policy: Policy, items: list[PromptItem], first_group: int, group_si
 
 def rollout(policy: Policy, reference: Policy | None, items: list[PromptItem], first_group: int,
             rewards: RewardSet, cfg: Config, seed: int,
-            train_forward: torch.nn.Module | None = None) -> Rollout:
+            train_forward: torch.nn.Module | None = None,
+            monitors: RewardSet | None = None) -> Rollout:
     """Sample, score and compute advantages and token weights for ``items`` (this process's prompts).
 
     ``policy`` is the unwrapped module (sampling, embeddings, decoding); ``train_forward`` is the
     module whose ``forward`` gives teacher-forced stats (the accelerate-prepared wrapper; defaults to
-    ``policy``). ``seed`` is this step's sampling seed (see :func:`generate`).
+    ``policy``). ``seed`` is this step's sampling seed (see :func:`generate`). ``monitors``
+    (:meth:`RewardSet.monitors`) score the same images for the log only (``monitor/<name>/mean``):
+    the gold rewards beside a learned proxy.
     """
     G = cfg.sampling.group_size
     params = SamplingParams.from_config(cfg.sampling)
@@ -149,7 +152,17 @@ def rollout(policy: Policy, reference: Policy | None, items: list[PromptItem], f
     if gap is not None:
         ro.metrics["rollout/logprob_gap"] = gap
     if ref_lp is not None:
-        ro.metrics["policy/kl_k3"] = float(algo.kl_divergence(old_lp, ref_lp, "k3").mean())
+        kl = algo.kl_divergence(old_lp, ref_lp, "k3")  # [N, L]
+        ro.metrics["policy/kl_k3"] = float(kl.mean())
+        # KL of a whole image to the reference: by the chain rule, the sum of the per-token KLs
+        # (the KL that reward over-optimisation is plotted against; docs/study.md)
+        ro.metrics["policy/kl_seq_k3"] = float(kl.sum(-1).mean())
+    if monitors is not None:
+        m_cols, m_valid, _ = monitors(images, prompts, metadata)  # [N, M]
+        for k, name in enumerate(monitors.names):
+            ok = m_valid[:, k]
+            ro.metrics[f"monitor/{name}/mean"] = float(m_cols[ok, k].mean()) if ok.any() \
+                else float("nan")
     perf = {"perf/sample_s": t1 - t0, "perf/logprob_decode_s": t2 - t1,
             "perf/reward_s": t3 - t2, "perf/advantage_s": time.perf_counter() - t3}
     if G >= 2:  # mode collapse within a group (quality.within_prompt_diversity)

@@ -62,13 +62,17 @@ def preflight_train(cfg: Config) -> Path:
     run_dir = resolve_run_dir(cfg.run, cfg.algo.preset)
     checkpoint.check_resume(cfg, run_dir)  # a checkpoint to resume, loadable by this launch
     preflight.check_data_source(cfg.data.source, cfg.run.seed, cfg.data.shuffle)
-    rewards = RewardSet(list(cfg.reward.names), dict(cfg.reward.kwargs))  # names and arguments
+    rewards = RewardSet(list(cfg.reward.names), dict(cfg.reward.kwargs),  # names and arguments
+                        list(cfg.reward.monitor))
+    monitors = rewards.monitors(list(cfg.reward.monitor), dict(cfg.reward.kwargs))  # logged only
     preflight.check_model_path(cfg.model)
     preflight.check_prompts_readable(cfg.model, cfg.data.source)
     preflight.check_training_fits(cfg)
     # Last, as they may wait a few seconds on the network: each reward's packages, checkpoints
     # and server (no weights load), then the tracker's login and server.
     rewards.preflight()
+    if monitors is not None:
+        monitors.preflight()
     check_tracker(cfg.log.wandb)
     return run_dir
 
@@ -106,7 +110,8 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
     policy = distributed.unwrap(accelerator, model)
     if reference is not None:
         reference.to(accelerator.device)
-    rewards = RewardSet(list(cfg.reward.names), dict(cfg.reward.kwargs))
+    rewards = RewardSet(list(cfg.reward.names), dict(cfg.reward.kwargs), list(cfg.reward.monitor))
+    monitors = rewards.monitors(list(cfg.reward.monitor), dict(cfg.reward.kwargs))
     source = build_source(cfg.data.source, cfg.run.seed, cfg.data.shuffle)
 
     # --- run directory, resume -----------------------------------------------------------------
@@ -125,7 +130,9 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
         checkpoint.write_run_info(run_dir, info)
     tracker = Tracker(run_dir, cfg.log.tensorboard, cfg.log.wandb, cfg.log.wandb_project,
                       config=dataclasses.asdict(cfg), enabled=main)  # W&B records the config
-    eval_before = _evaluate(cfg, policy, accelerator, tracker, state.step, "before", progress) \
+    proxies = [fn for fn in rewards.fns if getattr(fn, "gold", None)]  # scored in evaluations
+    eval_before = _evaluate(cfg, policy, accelerator, tracker, state.step, "before", progress,
+                            proxies) \
         if state.step == 0 else _read_eval(run_dir, "before")
     # the divergence check's reference
     norm0 = distributed.param_norm(engine, model, accelerator.device)
@@ -141,7 +148,8 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
         # under the same precision rule as the update (accelerate's autocast, a no-op in fp32).
         with distributed.sampling_weights(engine, model), accelerator.autocast():
             ro = rollout(policy, reference, items, first, rewards, cfg,
-                         seed=mix_seed(cfg.run.seed, step), train_forward=model)
+                         seed=mix_seed(cfg.run.seed, step), train_forward=model,
+                         monitors=monitors)
         t1 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses; update() steps it
         metrics = update(model, ro, optimizer, scheduler, accelerator, cfg, engine)
@@ -162,7 +170,8 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
         _check_health(cfg, state, ro, accelerator, engine, model, norm0, tracker)
         if cfg.log.eval_every and state.step % cfg.log.eval_every == 0 \
                 and state.step < cfg.run.steps:
-            _evaluate(cfg, policy, accelerator, tracker, state.step, f"step{state.step}")
+            _evaluate(cfg, policy, accelerator, tracker, state.step, f"step{state.step}",
+                      proxies=proxies)
         if cfg.run.save_every and state.step % cfg.run.save_every == 0:
             save_checkpoint(accelerator, ckpt_root, state, to_yaml(cfg), info=info,
                             save_kwargs=save_kwargs)
@@ -179,7 +188,8 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
                         save_kwargs=save_kwargs)
     ds_ops.note_export_dtype(cfg, engine, model)  # DeepSpeed's bf16 engine exports bf16
     _export(accelerator, engine, model, policy, run_dir / "final")
-    eval_after = _evaluate(cfg, policy, accelerator, tracker, state.step, "after", progress)
+    eval_after = _evaluate(cfg, policy, accelerator, tracker, state.step, "after", progress,
+                           proxies)
     tracker.close()
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, state.step, state.total_skips, eval_before, eval_after,
@@ -345,9 +355,10 @@ def _log_grid(tracker: Tracker, ro: Rollout, step: int, G: int) -> None:
 
 
 def _evaluate(cfg: Config, policy: Policy, accelerator: Accelerator, tracker: Tracker, step: int,
-              tag: str, progress: Any = None) -> ShapesEval | None:
+              tag: str, progress: Any = None, proxies: list | None = None) -> ShapesEval | None:
     """Held-out shapes evaluation (strict GenEval rules) on the main process, with the run's
-    sampling settings and ``log.eval_seed`` (docs/design.md §13: the one shapes evaluation)."""
+    sampling settings and ``log.eval_seed`` (docs/design.md §13: the one shapes evaluation).
+    ``proxies``: learned proxy rewards trained on, scored on the same images."""
     if cfg.log.eval_prompts == 0 or not cfg.data.source.startswith("shapes:"):
         return None
     result = None
@@ -356,7 +367,15 @@ def _evaluate(cfg: Config, policy: Policy, accelerator: Accelerator, tracker: Tr
                                 cfg.log.eval_images_per_prompt,
                                 SamplingParams.from_config(cfg.sampling), cfg.log.eval_seed,
                                 progress=progress)
-        tracker.log(step, {f"eval/{k}": v for k, v in result.strict.items()})
+        for fn in proxies or []:  # a learned proxy trained on: its score on the same images
+            pairs = [(im, it) for it, ims in zip(result.items, result.images) for im in ims]
+            out = fn([im for im, _ in pairs], [it.prompt for _, it in pairs],
+                     [it.metadata for _, it in pairs])
+            result.proxy[fn.name] = float(out.scores[out.valid].mean()) if out.valid.any() \
+                else float("nan")
+        tracker.log(step, {**{f"eval/{k}": v for k, v in result.strict.items()},
+                           "eval/lenient_overall": result.lenient["overall"],
+                           **{f"eval/proxy/{k}": v for k, v in result.proxy.items()}})
         (tracker.run_dir / f"eval_{tag}.json").write_text(json.dumps(result.to_dict(), indent=1))
     accelerator.wait_for_everyone()
     return result

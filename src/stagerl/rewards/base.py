@@ -147,11 +147,31 @@ class RewardSet:
     Weights and the tied-column drop are applied later, in ``stagerl.algo.combine_rewards``.
     """
 
-    def __init__(self, names: list[str], kwargs: dict[str, dict[str, Any]] | None = None):
+    def __init__(self, names: list[str], kwargs: dict[str, dict[str, Any]] | None = None,
+                 monitored: list[str] | None = None):
+        """``monitored``: names of rewards only logged (:meth:`monitors`), whose arguments may
+        also be in ``kwargs``."""
         kwargs = kwargs or {}
-        check_reward_kwargs(kwargs, list(names))
+        check_reward_kwargs(kwargs, list(names) + list(monitored or []),
+                            what="reward.names and reward.monitor" if monitored else "reward.names")
         self.names = list(names)
         self.fns = [build_reward(n, **dict(kwargs.get(n) or {})) for n in self.names]
+
+    def monitors(self, names: list[str] | None = None,
+                 kwargs: dict[str, dict[str, Any]] | None = None) -> "RewardSet | None":
+        """The rewards logged beside these but never trained on: ``names`` (config
+        ``reward.monitor``, built with their ``kwargs``), then the ``gold`` rewards a learned
+        proxy names (built with the proxy's own ``gold_kwargs``, e.g. its world). None when there
+        are none; a name already trained on is not repeated."""
+        kwargs = dict(kwargs or {})
+        wanted = list(names or [])
+        for fn in self.fns:
+            for gold in getattr(fn, "gold", ()):
+                if gold not in wanted:
+                    wanted.append(gold)
+                    kwargs.setdefault(gold, dict(getattr(fn, "gold_kwargs", {})))
+        wanted = [n for n in wanted if n not in self.names]
+        return RewardSet(wanted, {n: kwargs.get(n) or {} for n in wanted}) if wanted else None
 
     def preflight(self) -> None:
         """Each reward's optional ``preflight()`` hook (packages, checkpoints, servers), in order;

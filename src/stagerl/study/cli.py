@@ -61,6 +61,13 @@ class StudyOptions:
                               "a later invocation without shard reuses the runs.")
     set: list[str] = _f([], "Config overrides for every run, e.g. algo.beta=0.01.",
                         metavar="KEY=VALUE", empty_ok=True, raw=True)
+    proxy: Optional[str] = _f(None, "The over-optimisation study (docs/study.md): train against "
+                              "this learned proxy reward (shapes_detector, shapes_scorer) with "
+                              "gold logged beside it. Defaults then become rows vanilla_grpo "
+                              "plus_ent stage wo_kl, steps 300, curve_points 14, curve suite "
+                              "heldout, prefix results_overopt.")
+    proxy_weights: str = _f("builtin", "The proxy's weights: builtin, builtin:<shipped name> or a "
+                            "folder written by stagerl pretrain-reward.")
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -118,8 +125,33 @@ def plan_from_options(opts: StudyOptions) -> StudyPlan:
     plan.lr_sweep = [m for m in opts.lr_sweep if m != 1.0]
     plan.sweep_in = list(opts.sweep_in) if plan.lr_sweep else []
     plan.sweep_seeds = opts.sweep_seeds or opts.seeds
+    if opts.proxy is not None:
+        _proxy_plan(plan, opts)
     check_plan(plan, opts)
     return plan
+
+
+def _proxy_plan(plan: StudyPlan, opts: StudyOptions) -> None:
+    """The over-optimisation study's plan: its rows, longer runs with dense held-out
+    evaluations on in-distribution prompts, and the proxy as every run's only reward."""
+    from stagerl.study.overopt import OVEROPT_ROWS
+    from stagerl.proxies.proxy import PROXY_KINDS
+
+    if opts.proxy not in PROXY_KINDS:
+        raise UserError(f"--proxy: unknown proxy reward {opts.proxy!r}; choose from "
+                        f"{', '.join(PROXY_KINDS)}")
+    defaults = StudyOptions()
+    if opts.rows == defaults.rows:
+        plan.rows = list(OVEROPT_ROWS)
+    plan.compare_rows = list(plan.rows)
+    plan.steps = opts.steps or 300
+    plan.curve_points = 14 if opts.curve_points is None else opts.curve_points
+    plan.curve_suite = "heldout"
+    plan.overrides = [f"reward.names=[{opts.proxy}]",
+                      f"reward.kwargs={{{opts.proxy}: {{weights: '{opts.proxy_weights}'}}}}",
+                      *plan.overrides]
+    if opts.prefix == defaults.prefix:
+        opts.prefix = "results_overopt"
 
 
 def check_plan(plan: StudyPlan, args: StudyOptions) -> None:
@@ -150,7 +182,11 @@ def check_plan(plan: StudyPlan, args: StudyOptions) -> None:
     check_output_dir(args.out, "--out")
     check_output_dir(args.docs, "--docs")
     check_model_path(load_config(None, [f"model.path={plan.model}"]).model, "--model")
-    load_config(None, list(plan.overrides))  # --set: a bad override fails now, not in run 1
+    cfg = load_config(None, list(plan.overrides))  # --set: a bad override fails now, not in run 1
+    if args.proxy is not None:  # the proxy's folder, kind and world, before any work
+        from stagerl.rewards.base import RewardSet
+
+        RewardSet(list(cfg.reward.names), dict(cfg.reward.kwargs)).preflight()
     plan_jobs(plan)  # a sweep in a condition that cannot be swept fails now
 
 
@@ -180,6 +216,10 @@ def run_from_args(args: argparse.Namespace,
     summary = run_study(plan, opts.out, progress=progress, jobs=opts.jobs, shard=shard)
     if shard is not None:
         return summary, []
+    if opts.proxy is not None:
+        from stagerl.study.overopt_report import write_overopt_report
+
+        return summary, write_overopt_report(summary, opts.docs, command_line(opts), opts.prefix)
     paths = write_report(summary, opts.docs, opts.out, command=command_line(opts),
                          prefix=opts.prefix)
     return summary, paths

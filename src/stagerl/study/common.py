@@ -111,6 +111,11 @@ class CurvePoint:
     heldout: float  # strict overall score on the plan's curve_suite
     heldout_lenient: float  # the same images under the lenient rule
     kl: float  # training KL to the base around this step; 0 at step 0, NaN without a reference
+    # The same around this step for a whole image (the sum of its tokens' KLs), and the mean score
+    # of the learned proxy trained on (NaN when the run trains on an exact reward) on the images
+    # of ``heldout``: the over-optimisation study's axes (docs/study.md).
+    kl_seq: float = float("nan")
+    proxy: float = float("nan")
 
 
 @dataclass(kw_only=True)

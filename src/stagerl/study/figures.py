@@ -240,6 +240,16 @@ def _weights_tag(path: str) -> str:
     return f"weights-{digest.hexdigest()[:16]}"
 
 
+def _overopt_block(md: Path) -> str | None:
+    """The block ``stagerl study --proxy`` put into an existing page, without its markers."""
+    from stagerl.study.overopt_report import BLOCK_END, BLOCK_START
+
+    text = md.read_text() if md.is_file() else ""
+    if BLOCK_START not in text or BLOCK_END not in text:
+        return None
+    return text.split(BLOCK_START, 1)[1].split(BLOCK_END, 1)[0].strip("\n")
+
+
 def write_report(summary: StudySummary, docs: str | Path, out: str | Path, command: str,
                  prefix: str = "results") -> list[Path]:
     """docs/<prefix>.md + docs/<prefix>_*.png from a study summary. Returns the written paths."""
@@ -255,6 +265,11 @@ def write_report(summary: StudySummary, docs: str | Path, out: str | Path, comma
                  "compositions) and sampling seeds for every model; columns are "
                  f"{summary.plan.grid_images} samples per prompt.\n\n![grid]({grid})\n")
     md = docs / f"{prefix}.md"
+    kept = _overopt_block(md)
     md.write_text(text)
+    if kept:  # the over-optimisation study's block stays at the top of the page it was put on
+        from stagerl.study.overopt_report import insert_block
+
+        insert_block(md, kept)
     return [md] + [docs / f for f in [*figures.values(), *frontiers.values()]] + \
         ([docs / grid] if grid else [])

@@ -176,17 +176,25 @@ def run_curve(run_dir: str | Path, steps: int) -> list[CurvePoint]:
     from stagerl.tracking import read_metrics
 
     run_dir = Path(run_dir)
-    kl = {int(r["step"]): float(r["policy/kl_k3"]) for r in read_metrics(run_dir)
-          if r.get("policy/kl_k3") is not None}
+    rows = read_metrics(run_dir)
+    kl, kl_seq = ({int(r["step"]): float(r[key]) for r in rows if r.get(key) is not None}
+                  for key in ("policy/kl_k3", "policy/kl_seq_k3"))
+
+    def around(logged: dict[int, float], step: int) -> float:
+        near = [logged[t] for t in range(step + 1 - KL_WINDOW, step + KL_WINDOW + 1)
+                if t in logged]
+        return 0.0 if step == 0 else (sum(near) / len(near) if near else float("nan"))
+
     points = []
     for f in run_dir.glob("eval_*.json"):
         tag = f.stem[len("eval_"):]
         step = 0 if tag == "before" else steps if tag == "after" else int(tag[len("step"):])
         res = json.loads(f.read_text())
-        near = [kl[t] for t in range(step + 1 - KL_WINDOW, step + KL_WINDOW + 1) if t in kl]
-        k = 0.0 if step == 0 else (sum(near) / len(near) if near else float("nan"))
+        proxy = list((res.get("proxy") or {}).values())
         points.append(CurvePoint(step=step, heldout=float(res["strict"]["overall"]),
-                                 heldout_lenient=float(res["lenient"]["overall"]), kl=k))
+                                 heldout_lenient=float(res["lenient"]["overall"]),
+                                 kl=around(kl, step), kl_seq=around(kl_seq, step),
+                                 proxy=float(proxy[0]) if proxy else float("nan")))
     return sorted(points, key=lambda p: p.step)
 
 

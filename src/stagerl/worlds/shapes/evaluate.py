@@ -18,7 +18,7 @@ from PIL import Image
 
 from stagerl.geneval import (Detection, evaluate_detections, geneval_overall,
                              parse_clauses)
-from stagerl.worlds.shapes.detect import Fragment, parse_image
+from stagerl.worlds.shapes.detect import Fragment, SceneParse, parse_image
 from stagerl.worlds.shapes.spec import WorldSpec
 
 
@@ -66,7 +66,14 @@ def _as_array(image: np.ndarray | Image.Image, spec: WorldSpec) -> np.ndarray:
 def evaluate_image(image: np.ndarray | Image.Image, metadata: Mapping[str, Any],
                    spec: WorldSpec = WorldSpec(), variant: str = "fixed") -> Verdict:
     """Strict and lenient verdicts plus partial credit for one uint8 [H, W, 3] image."""
-    parse = parse_image(_as_array(image, spec), spec)
+    return verdict_from_parse(parse_image(_as_array(image, spec), spec), metadata, variant)
+
+
+def verdict_from_parse(parse: SceneParse, metadata: Mapping[str, Any],
+                       variant: str = "fixed") -> Verdict:
+    """The verdicts of one image from what a back end saw in it: GenEval's rules on its
+    detections (lenient), then no unrequested objects and no fragments (strict). The exact back
+    end and the learned proxy detector (``stagerl.proxies.nets.decode_detections``) both end here."""
     res = evaluate_detections(parse.detections, metadata, variant=variant)
     extra = unrequested_objects(parse.detections, metadata)
     reasons = [res.reason] if res.reason else []

@@ -1,0 +1,233 @@
+"""The over-optimisation study's page (docs/<prefix>.md), its figures, and its block at the top of
+docs/results.md: gold and proxy against sqrt(KL) per method first, then the per-method table
+(:mod:`stagerl.study.overopt`), and a grid of images the proxy passes and gold fails."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stagerl.study.common import StudySummary
+from stagerl.study.overopt import (DROP, MethodOveropt, analyse, paired_difference, spread)
+from stagerl.study.report import LABELS
+
+BLOCK_START, BLOCK_END = "<!-- overopt:start -->", "<!-- overopt:end -->"
+COLORS = {"vanilla_grpo": "tab:blue", "plus_ent": "tab:orange", "stage": "tab:green",
+          "wo_kl": "tab:red"}
+
+
+def _fmt(values: list[float], digits: int = 3) -> str:
+    mean, sd, n = spread(values)
+    if n == 0:
+        return "–"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
+def gold_proxy_figure(methods: dict[str, MethodOveropt], path: Path, proxy: str) -> Path:
+    """One panel per method: gold strict (solid), gold lenient (dotted) and the proxy (dashed)
+    against d = sqrt(KL), every seed a thin line, the mean fit of gold(d) thick."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.8), sharey=True,
+                             squeeze=False)
+    for ax, (row, m) in zip(axes[0], methods.items()):
+        color = COLORS.get(row, "tab:gray")
+        for k, ro in enumerate(m.runs):
+            first = k == 0
+            ax.plot(ro.d, ro.gold, "-o", color=color, lw=1, ms=2.5, alpha=0.8,
+                    label="gold strict" if first else None)
+            ax.plot(ro.d, ro.lenient, ":", color=color, lw=1, alpha=0.6,
+                    label="gold lenient" if first else None)
+            ax.plot(ro.d, ro.proxy, "--", color="black", lw=1, alpha=0.6,
+                    label=f"proxy ({proxy})" if first else None)
+        if m.alpha:
+            fit_a, fit_b = float(np.mean(m.alpha)), float(np.mean(m.beta))
+            top = max(float(ro.d.max()) for ro in m.runs)
+            xs = np.linspace(1e-3, top, 100)
+            base = float(np.mean([ro.gold[0] for ro in m.runs]))
+            ax.plot(xs, base + xs * (fit_a - fit_b * np.log(xs)), color=color, lw=2.5, alpha=0.5,
+                    label="gold fit d(α − β ln d)")
+        ax.set_title(f"{LABELS.get(row, row)}  (over-optimised: {m.overoptimised}/{len(m.runs)})",
+                     fontsize=9)
+        ax.set_xlabel("d = sqrt(KL to the base, per image)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("score on held-out prompts")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def hacked_grid(summary: StudySummary, methods: dict[str, MethodOveropt], reward: Any,
+                path: Path, per_method: int = 6) -> tuple[Path | None, dict[str, float]]:
+    """Images of each method's last seed-0-first evaluation that the proxy passes and gold fails,
+    with gold's reason; returns the grid path (None when there is none) and, per method, the
+    fraction of its final held-out images that are such."""
+    from PIL import Image
+
+    from stagerl.eval import _load_prompt_dir, shapes_items
+    from stagerl.tracking import image_grid
+    from stagerl.worlds.shapes.evaluate import evaluate_image
+
+    plan = summary.plan
+    items = shapes_items("test", plan.eval_prompts)
+    picked: list[tuple[Image.Image, str]] = []
+    frac: dict[str, float] = {}
+    for row, m in methods.items():
+        found, n_images, n_hacked = [], 0, 0
+        for ro in sorted(m.runs, key=lambda r: r.run.seed):
+            folder = Path(ro.run.run_dir) / "eval" / "test"
+            for i, it in enumerate(items):
+                imgs = _load_prompt_dir(folder, i, plan.eval_images)
+                if imgs is None:
+                    continue
+                out = reward(imgs, [it.prompt] * len(imgs), [it.metadata] * len(imgs))
+                for img, score, ok in zip(imgs, out.scores.tolist(), out.valid.tolist()):
+                    v = evaluate_image(img, it.metadata)
+                    n_images += 1
+                    if ok and score > 0.5 and not v.strict:
+                        n_hacked += 1
+                        reason = v.reason.splitlines()[0] if v.reason else ""
+                        found.append((img, f"{LABELS.get(row, row)}: {it.prompt} | gold: "
+                                           f"{reason}"))
+        frac[row] = n_hacked / n_images if n_images else float("nan")
+        picked += found[:per_method]
+    if not picked:
+        return None, frac
+    image_grid([p[0] for p in picked], [p[1] for p in picked], cols=per_method, scale=5,
+               label_height=60).save(path)
+    return path, frac
+
+
+def _table(methods: dict[str, MethodOveropt], levels: dict[str, list[float]],
+           hacked: dict[str, float]) -> list[str]:
+    lines = ["| method | over-optimised | peak gold | step at peak | KL at peak | α | β | "
+             "fit: KL at peak | final gold | final lenient | final proxy | final KL | "
+             "proxy-pass, gold-fail |", "|---" * 13 + "|"]
+    for row, m in methods.items():
+        lines.append(
+            f"| {LABELS.get(row, row)} | {m.overoptimised}/{len(m.runs)} | {_fmt(m.peak_gold)} | "
+            f"{_fmt(m.peak_step, 0)} | {_fmt(m.kl_at_peak, 2)} | {_fmt(m.alpha)} | "
+            f"{_fmt(m.beta)} | {_fmt(m.fit_kl_peak, 2)} | {_fmt(m.final_gold)} | "
+            f"{_fmt(m.final_lenient)} | {_fmt(m.final_proxy)} | {_fmt(m.final_kl, 2)} | "
+            f"{hacked.get(row, float('nan')):.3f} |")
+    out = lines
+    for what, title, unit in (("at_proxy", "Gold strict at matched proxy score", "proxy"),
+                              ("at_kl", "Gold strict at matched KL", "KL")):
+        lv = levels["proxy" if what == "at_proxy" else "kl"]
+        if not lv:
+            continue
+        out += ["", f"**{title}** (each seed's gold where its {unit} first reaches the level, "
+                "linear between evaluations):", "",
+                "| method | " + " | ".join(f"{unit} {v:.3g}" for v in lv) + " |",
+                "|---" * (len(lv) + 1) + "|"]
+        for row, m in methods.items():
+            vals = getattr(m, what)
+            out.append(f"| {LABELS.get(row, row)} | " + " | ".join(_fmt(vals.get(v, []))
+                                                                  for v in lv) + " |")
+    q_rows = [(row, m) for row, m in methods.items() if m.quality]
+    if q_rows:
+        keys = sorted({k for _, m in q_rows for k in m.quality})
+        out += ["", "**Quality and diversity of the final models** (all three suites' "
+                "evaluation images):", "", "| method | " + " | ".join(keys) + " |",
+                "|---" * (len(keys) + 1) + "|"]
+        for row, m in q_rows:
+            out.append(f"| {LABELS.get(row, row)} | " + " | ".join(
+                _fmt(m.quality.get(k, [])) for k in keys) + " |")
+    return out
+
+
+def _verdict(methods: dict[str, MethodOveropt]) -> list[str]:
+    lines = []
+    for row, m in methods.items():
+        steps = [ro.steps[ro.peak] for ro in m.runs if ro.overoptimised]
+        lines.append(f"- **{LABELS.get(row, row)}** over-optimised in {m.overoptimised} of "
+                     f"{len(m.runs)} seeds (gold fell > {DROP} from its peak while the proxy did "
+                     f"not)" + (f"; peaks at steps {', '.join(str(int(s)) for s in steps)}."
+                                if steps else "."))
+    if "stage" in methods and "vanilla_grpo" in methods:
+        for what, name in (("peak_gold", "peak gold"), ("kl_at_peak", "KL at the peak"),
+                           ("final_gold", "final gold")):
+            mean, sd, n = paired_difference(methods["stage"], methods["vanilla_grpo"], what)
+            if n:
+                moved = n > 1 and abs(mean) > 2 * sd / math.sqrt(n)
+                lines.append(f"- STAGE − vanilla GRPO, {name}: {mean:+.3f} ± {sd:.3f} (sd over "
+                             f"{n} paired seeds; {'beyond' if moved else 'within'} two standard "
+                             f"errors).")
+    return lines
+
+
+def write_overopt_report(summary: StudySummary, docs: str | Path, command: str,
+                         prefix: str = "results_overopt") -> list[Path]:
+    """docs/<prefix>.md with its figures, and the block at the top of docs/results.md."""
+    from stagerl.rewards import build_reward
+
+    docs = Path(docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    methods, levels = analyse(summary)
+    if not methods:
+        return []
+    reward_name = summary.runs[0].reward[0]
+    proxy_kwargs = _proxy_kwargs(summary, reward_name)
+    fig = gold_proxy_figure(methods, docs / f"{prefix}_gold_proxy.png", reward_name)
+    grid, hacked = hacked_grid(summary, methods, build_reward(reward_name, **proxy_kwargs),
+                               docs / f"{prefix}_hacked.png")
+    head = [f"# Reward over-optimisation: {reward_name} as the proxy, the exact evaluator as gold",
+            "", f"Generated by `{command}` ({summary.wall_seconds / 60:.1f} min wall, "
+            f"{summary.train_seconds / 60:.1f} min of training summed over "
+            f"{len(summary.runs)} runs, {summary.reused_runs} reused). How to read it: "
+            "docs/study.md, \"Reward over-optimisation\".", "",
+            f"![gold and proxy against sqrt(KL)]({fig.name})", ""]
+    body = ["Per method, mean ± sd over seeds. Held-out evaluations every "
+            f"{max(1, summary.config.steps // (summary.plan.curve_points + 1))} steps "
+            f"({summary.plan.curve_prompts} `{summary.plan.curve_suite}` prompts x "
+            f"{summary.plan.curve_images} images); KL = a whole image's KL to the base (sum over "
+            "its 64 tokens of k3, mean of the logged training steps around the evaluation). The "
+            "fit is gold(d) − gold(0) = d(α − β ln d), d = sqrt(KL); its peak is at "
+            "KL = exp(2(α/β − 1)).", "", *_table(methods, levels, hacked), "", *_verdict(methods),
+            ""]
+    if grid is not None:
+        body += ["Images the proxy passes and gold fails (final models, in-distribution "
+                 "held-out prompts; gold's first reason):", "", f"![proxy passes, gold fails]"
+                 f"({grid.name})", ""]
+    page = docs / f"{prefix}.md"
+    page.write_text("\n".join(head + body))
+    paths = [page, fig] + ([grid] if grid else [])
+    results = docs / "results.md"
+    if results.is_file():
+        insert_block(results, "\n".join([
+            "## Reward over-optimisation (learned proxy, exact gold)", "",
+            f"![gold and proxy against sqrt(KL)]({fig.name})", "",
+            *_verdict(methods), "", f"The whole section: [{page.name}]({page.name}); "
+            "how to read it: docs/study.md, \"Reward over-optimisation\"."]))
+        paths.append(results)
+    return paths
+
+
+def _proxy_kwargs(summary: StudySummary, name: str) -> dict[str, Any]:
+    """The proxy's reward.kwargs from the plan's overrides (the first run's config)."""
+    from stagerl.config import load_config
+
+    cfg = load_config(None, list(summary.plan.overrides))
+    return dict(cfg.reward.kwargs.get(name) or {})
+
+
+def insert_block(path: Path, block: str) -> None:
+    """Put ``block`` between the markers after the page's title line (replacing an old one)."""
+    text = path.read_text()
+    wrapped = f"{BLOCK_START}\n{block}\n{BLOCK_END}\n"
+    if BLOCK_START in text:
+        text = re.sub(re.escape(BLOCK_START) + ".*?" + re.escape(BLOCK_END) + "\n?",
+                      lambda _: wrapped, text, flags=re.S)
+    else:
+        lines = text.split("\n")
+        at = 1 if lines and lines[0].startswith("# ") else 0
+        text = "\n".join(lines[:at] + ["", wrapped.rstrip("\n")] + lines[at:])
+    path.write_text(text)
