@@ -139,3 +139,28 @@ def test_study_proxy_plan_and_refusals(tmp_path):
         plan("--proxy", "shapes_scorer", "--proxy-weights", str(tmp_path / "notproxy"))
     with pytest.raises(UserError, match="holds a detector proxy"):
         plan("--proxy", "shapes_scorer", "--proxy-weights", "builtin:shapes_detector")
+
+
+def test_study_proxy_end_to_end(tmp_path):
+    """A tiny over-optimisation study: every evaluation carries gold, proxy and whole-image KL,
+    and the page, its figure and the results.md block are written."""
+    import json
+
+    from stagerl.cli import main
+
+    out, docs = tmp_path / "o", tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text("# Results\n\nbody\n")
+    assert main(["study", "--proxy", "shapes_detector", "--out", str(out), "--docs", str(docs),
+                 "--seeds", "1", "--rows", "vanilla_grpo", "--steps", "4", "--eval-prompts", "6",
+                 "--eval-images", "2", "--curve-points", "1", "--curve-prompts", "6", "--set",
+                 "sampling.prompts_per_step=2", "sampling.group_size=3"]) == 0
+    run = json.loads((out / "summary.json").read_text())["runs"][0]
+    assert run["reward"] == ["shapes_detector"] and [p["step"] for p in run["curve"]] == [0, 2, 4]
+    assert all(0 <= p["proxy"] <= 1 for p in run["curve"])
+    assert run["curve"][0]["kl_seq"] == 0 and run["curve"][-1]["kl_seq"] > 0
+    page = (docs / "results_overopt.md").read_text()
+    assert "| vanilla GRPO | 0/1 |" in page or "| vanilla GRPO | 1/1 |" in page
+    assert (docs / "results_overopt_gold_proxy.png").stat().st_size > 1000
+    text = (docs / "results.md").read_text()
+    assert text.index(BLOCK_START) < text.index("body")
