@@ -175,3 +175,6 @@ def test_a_proxy_reward_trains_end_to_end_with_gold_logged_beside_it(tmp_path):
     after = json.loads((result.run_dir / "eval_after.json").read_text())
     assert set(after["proxy"]) == {"shapes_detector"}
     assert 0.0 <= after["proxy"]["shapes_detector"] <= 1.0
+    from stagerl.report import write_plots  # stagerl report plots gold and proxy against sqrt(KL)
+
+    assert result.run_dir / "plots" / "gold_proxy.png" in write_plots(result.run_dir)

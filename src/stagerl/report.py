@@ -109,4 +109,51 @@ def write_plots(run_dir: str | Path) -> list[Path]:
             fig.savefig(out_dir / fname)
             written.append(out_dir / fname)
         plt.close(fig)
-    return written
+    gold = gold_proxy_plot(rows, out_dir / "gold_proxy.png")
+    return written + ([gold] if gold else [])
+
+
+def _near(xs: list[int], ys: list[float], step: int, window: int = 2) -> float:
+    """Mean of the values logged at steps step + 1 - window .. step + window (0 at step 0): the
+    KL around an evaluation made after ``step`` updates."""
+    vals = [y for x, y in zip(xs, ys) if step + 1 - window <= x <= step + window]
+    return 0.0 if step == 0 else (sum(vals) / len(vals) if vals else float("nan"))
+
+
+def gold_proxy_plot(rows: list[dict], path: Path) -> Path | None:
+    """A run trained on a learned proxy: the proxy and gold (exact strict, lenient) against
+    d = sqrt(KL of an image to the base), per training step (smoothed lines) and at every held-out
+    evaluation (markers); the over-optimisation picture of docs/study.md. None for other runs."""
+    proxies = sorted({k.split("/")[2] for r in rows for k in r if k.startswith("eval/proxy/")})
+    kx, ky = series(rows, "policy/kl_seq_k3")
+    if not proxies or not kx:
+        return None
+    import matplotlib.pyplot as plt
+
+    name = proxies[0]
+    d_train = [math.sqrt(max(0.0, v)) for v in _ema(ky)]
+    by_step = dict(zip(kx, d_train))
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    for key, label, color in ((f"reward/{name}/mean", f"proxy ({name})", "black"),
+                              ("monitor/shapes_strict/mean", "gold strict", "tab:blue"),
+                              ("monitor/shapes_lenient/mean", "gold lenient", "tab:green")):
+        xs, ys = series(rows, key)
+        pts = [(by_step[x], y) for x, y in zip(xs, _ema(ys) if ys else []) if x in by_step]
+        if pts:  # dots, not a line: the per-step KL is noisy, so d does not grow monotonically
+            ax.plot(*zip(*pts), ".", color=color, alpha=0.25, ms=3,
+                    label=f"{label}, training steps (EMA)")
+    for key, label, color in ((f"eval/proxy/{name}", "proxy", "black"),
+                              ("eval/overall", "gold strict", "tab:blue"),
+                              ("eval/lenient_overall", "gold lenient", "tab:green")):
+        xs, ys = series(rows, key)
+        ds = [math.sqrt(max(0.0, _near(kx, ky, x))) for x in xs]
+        if xs:
+            ax.plot(ds, ys, "o-", color=color, ms=4, lw=1.5, label=f"{label}, held-out")
+    ax.set_xlabel("d = sqrt(KL to the base, per image)")
+    ax.set_title("Proxy vs gold against sqrt(KL)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="best", framealpha=0.6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
