@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-install
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test setup bench gpu-check clean-venv
+.PHONY: demo test setup bench gpu-check proxies clean-venv
 
 setup: $(STAMP)
 
@@ -33,6 +33,17 @@ bench: $(STAMP)
 	$(PY) benchmarks/rollout.py
 	$(PY) benchmarks/logprob_memory.py
 	$(PY) benchmarks/step.py
+
+# Rebuild the two shipped proxy rewards side by side (one core each) into runs/proxies/ and compare
+# them with the shipped weights and cards (docs/rewards.md, "Learned proxy rewards").
+proxies: $(STAMP)
+	rm -rf runs/proxies
+	$(VENV)/bin/stagerl pretrain-reward shapes_detector --threads 1 --no-progress \
+		--out runs/proxies/shapes_detector & p1=$$!; \
+	$(VENV)/bin/stagerl pretrain-reward shapes_scorer --threads 1 --no-progress \
+		--out runs/proxies/shapes_scorer & p2=$$!; \
+	wait $$p1 && wait $$p2
+	$(PY) scripts/compare_proxies.py runs/proxies
 
 # On a CUDA machine: the engines in bf16, our sampler vs generate(), peak memory at 7B widths
 # (scripts/gpu_check.py; writes gpu_check.json). Without a GPU it says so and exits 0.
