@@ -135,7 +135,13 @@ def _concat(parts: list[LabelledImages]) -> LabelledImages:
 
 def build_datasets(cfg: ProxyConfig, spec: WorldSpec) -> dict[str, LabelledImages]:
     """Training data and the two held-out sets: {"train", "eval_samples", "eval_renders"}."""
-    policy = TinyPolicy.from_pretrained(resolve_model_path(cfg.base_model)).eval()
+    if cfg.renders + cfg.samples == 0:
+        raise UserError("renders/samples: the proxy needs at least one training image")
+    path = resolve_model_path(cfg.base_model)
+    if not (path / "config.json").is_file():
+        raise UserError(f"base_model: {cfg.base_model!r} is not a tiny-model directory (no "
+                        f"config.json); use builtin:shapes or a folder written by stagerl pretrain")
+    policy = TinyPolicy.from_pretrained(path).eval()
     if policy.config.grid[0] * policy.tokenizer.patch != spec.canvas:
         raise UserError(f"base_model {cfg.base_model!r} draws another canvas than the world "
                         f"spec's {spec.canvas} pixels")
