@@ -164,3 +164,10 @@ def test_study_proxy_end_to_end(tmp_path):
     assert (docs / "results_overopt_gold_proxy.png").stat().st_size > 1000
     text = (docs / "results.md").read_text()
     assert text.index(BLOCK_START) < text.index("body")
+    # a study of another proxy under its own prefix keeps its own page and leaves the block alone
+    from stagerl.study.common import StudySummary as Summary
+
+    summary = Summary.from_json((out / "summary.json").read_text())
+    write_overopt_report(summary, docs, "cmd", prefix="results_overopt_other")
+    assert (docs / "results_overopt_other.md").is_file()
+    assert (docs / "results.md").read_text() == text

@@ -17,6 +17,7 @@ from stagerl.study.overopt import (DROP, MethodOveropt, analyse, paired_differen
 from stagerl.study.report import LABELS, _git_commit
 
 BLOCK_START, BLOCK_END = "<!-- overopt:start -->", "<!-- overopt:end -->"
+DEFAULT_PREFIX = "results_overopt"
 COLORS = {"vanilla_grpo": "tab:blue", "plus_ent": "tab:orange", "stage": "tab:green",
           "wo_kl": "tab:red"}
 
@@ -167,8 +168,9 @@ def _verdict(methods: dict[str, MethodOveropt]) -> list[str]:
 
 
 def write_overopt_report(summary: StudySummary, docs: str | Path, command: str,
-                         prefix: str = "results_overopt") -> list[Path]:
-    """docs/<prefix>.md with its figures, and the block at the top of docs/results.md."""
+                         prefix: str = DEFAULT_PREFIX) -> list[Path]:
+    """docs/<prefix>.md with its figures, and, for the default prefix, the block at the top of
+    docs/results.md (a study under another ``--prefix``, e.g. a weaker proxy, leaves it alone)."""
     from stagerl.rewards import build_reward
 
     docs = Path(docs)
@@ -209,12 +211,14 @@ def write_overopt_report(summary: StudySummary, docs: str | Path, command: str,
     page.write_text("\n".join(head + body))
     paths = [page, fig] + ([grid] if grid else [])
     results = docs / "results.md"
-    if results.is_file():
+    if results.is_file() and prefix == DEFAULT_PREFIX:  # other conditions keep their own page
         insert_block(results, "\n".join([
             "## Reward over-optimisation (learned proxy, exact gold)", "",
             f"![gold and proxy against sqrt(KL)]({fig.name})", "",
             *_verdict(methods), "", f"The whole section: [{page.name}]({page.name}); "
-            "how to read it: docs/study.md, \"Reward over-optimisation\"."]))
+            "how to read it: docs/study.md, \"Reward over-optimisation\"."
+            + "".join(f" Another proxy: [{p.name}]({p.name})." for p in
+                      sorted(docs.glob(f"{prefix}_*.md")))]))
         paths.append(results)
     return paths
 
