@@ -129,7 +129,7 @@ def test_study_proxy_plan_and_refusals(tmp_path):
         return plan_from_options(opts), opts
 
     p, opts = plan("--proxy", "shapes_detector")
-    assert p.rows == ["vanilla_grpo", "plus_ent", "stage", "wo_kl"] and p.steps == 300
+    assert p.rows == ["vanilla_grpo", "plus_ent", "stage", "wo_kl"] and p.steps == 200
     assert p.curve_suite == "heldout" and opts.prefix == "results_overopt"
     assert p.overrides[0] == "reward.names=[shapes_detector]"
     with pytest.raises(UserError, match="--proxy: unknown proxy reward 'shapes_detecter'"):

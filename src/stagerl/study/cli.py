@@ -64,7 +64,7 @@ class StudyOptions:
     proxy: Optional[str] = _f(None, "The over-optimisation study (docs/study.md): train against "
                               "this learned proxy reward (shapes_detector, shapes_scorer) with "
                               "gold logged beside it. Defaults then become rows vanilla_grpo "
-                              "plus_ent stage wo_kl, steps 300, curve_points 14, curve suite "
+                              "plus_ent stage wo_kl, steps 200, curve_points 14, curve suite "
                               "heldout, prefix results_overopt.")
     proxy_weights: str = _f("builtin", "The proxy's weights: builtin, builtin:<shipped name> or a "
                             "folder written by stagerl pretrain-reward.")
@@ -144,7 +144,7 @@ def _proxy_plan(plan: StudyPlan, opts: StudyOptions) -> None:
     if opts.rows == defaults.rows:
         plan.rows = list(OVEROPT_ROWS)
     plan.compare_rows = list(plan.rows)
-    plan.steps = opts.steps or 300
+    plan.steps = opts.steps or 200
     plan.curve_points = 14 if opts.curve_points is None else opts.curve_points
     plan.curve_suite = "heldout"
     plan.overrides = [f"reward.names=[{opts.proxy}]",
