@@ -28,9 +28,17 @@ from stagerl.study.common import CurvePoint, StudyRun, StudySummary
 # The four rows the over-optimisation study trains (docs/study.md): the two with a KL term, the
 # entropy reward alone, and STAGE without its KL term (what reweighting alone does to hacking).
 OVEROPT_ROWS = ("vanilla_grpo", "plus_ent", "stage", "wo_kl")
-# A run has over-optimised when its last gold score is below its peak by more than this (about
-# two standard errors of a 192-image evaluation near 0.5) while the proxy did not fall.
+# A run has over-optimised when its smoothed gold score (the mean of SMOOTH consecutive
+# evaluations, which cuts a 192-image evaluation's standard error of ~0.036 to ~0.02) ends more
+# than DROP below its smoothed peak while the smoothed proxy did not fall.
 DROP = 0.07
+SMOOTH = 3
+
+
+def smoothed(x: np.ndarray, k: int = SMOOTH) -> np.ndarray:
+    """Centred moving average over k evaluations (fewer at the ends) [P] -> [P]."""
+    h = k // 2
+    return np.array([x[max(0, i - h):i + h + 1].mean() for i in range(len(x))])
 
 
 @dataclass
@@ -78,13 +86,30 @@ class RunOveropt:
     lenient: np.ndarray  # [P] gold lenient
     proxy: np.ndarray  # [P] proxy score on the same images
     fit: GoldFit | None
-    peak: int  # index of the highest gold evaluation
+    peak: int  # index of the highest smoothed gold
+
+    @property
+    def gold_s(self) -> np.ndarray:
+        return smoothed(self.gold)
+
+    @property
+    def drop(self) -> float:
+        """Smoothed gold at the peak minus smoothed gold at the end."""
+        return float(self.gold_s[self.peak] - self.gold_s[-1])
 
     @property
     def overoptimised(self) -> bool:
-        """Gold fell by more than DROP from its peak to the end while the proxy did not fall."""
-        return bool(self.gold[self.peak] - self.gold[-1] > DROP
-                    and self.proxy[-1] >= self.proxy[self.peak] - 1e-9)
+        """Smoothed gold fell by more than DROP from its peak to the end while the smoothed proxy
+        did not fall."""
+        proxy_s = smoothed(self.proxy)
+        return bool(self.drop > DROP and proxy_s[-1] >= proxy_s[self.peak] - 1e-9)
+
+    @property
+    def fit_kl_peak(self) -> float:
+        """KL at the fitted peak when the fit turns over within the run's KL range, else inf."""
+        if self.fit is None or not self.fit.d_peak <= float(self.d.max()):
+            return math.inf
+        return self.fit.d_peak ** 2
 
 
 def run_overopt(run: StudyRun) -> RunOveropt | None:
@@ -98,7 +123,7 @@ def run_overopt(run: StudyRun) -> RunOveropt | None:
     d = np.sqrt(kl)
     fit = fit_gold(d, gold - gold[0])
     return RunOveropt(run, steps, d, gold, np.array([p.heldout_lenient for p in pts]),
-                      np.array([p.proxy for p in pts]), fit, int(np.argmax(gold)))
+                      np.array([p.proxy for p in pts]), fit, int(np.argmax(smoothed(gold))))
 
 
 def _at_level(x: np.ndarray, y: np.ndarray, level: float) -> float:
@@ -125,12 +150,13 @@ class MethodOveropt:
 
     row: str
     runs: list[RunOveropt]
-    peak_gold: list[float] = field(default_factory=list)
+    peak_gold: list[float] = field(default_factory=list)  # smoothed
+    drop: list[float] = field(default_factory=list)  # smoothed peak - smoothed end
     peak_step: list[float] = field(default_factory=list)
     kl_at_peak: list[float] = field(default_factory=list)
     alpha: list[float] = field(default_factory=list)
     beta: list[float] = field(default_factory=list)
-    fit_kl_peak: list[float] = field(default_factory=list)  # d*^2 of the fit
+    fit_kl_peak: list[float] = field(default_factory=list)  # d*^2 of the fit, inf beyond the run
     final_gold: list[float] = field(default_factory=list)
     final_lenient: list[float] = field(default_factory=list)
     final_proxy: list[float] = field(default_factory=list)
@@ -172,18 +198,19 @@ def analyse(summary: StudySummary) -> tuple[dict[str, MethodOveropt], dict[str, 
     for row in order:
         m = MethodOveropt(row, by_row[row])
         for ro in m.runs:
-            m.peak_gold.append(float(ro.gold[ro.peak]))
+            m.peak_gold.append(float(ro.gold_s[ro.peak]))
+            m.drop.append(ro.drop)
             m.peak_step.append(float(ro.steps[ro.peak]))
             m.kl_at_peak.append(float(ro.d[ro.peak] ** 2))
-            m.final_gold.append(float(ro.gold[-1]))
-            m.final_lenient.append(float(ro.lenient[-1]))
-            m.final_proxy.append(float(ro.proxy[-1]))
+            m.final_gold.append(float(ro.gold_s[-1]))
+            m.final_lenient.append(float(smoothed(ro.lenient)[-1]))
+            m.final_proxy.append(float(smoothed(ro.proxy)[-1]))
             m.final_kl.append(float(ro.d[-1] ** 2))
             m.overoptimised += int(ro.overoptimised)
             if ro.fit is not None:
                 m.alpha.append(ro.fit.alpha)
                 m.beta.append(ro.fit.beta)
-                m.fit_kl_peak.append(ro.fit.d_peak ** 2)
+                m.fit_kl_peak.append(ro.fit_kl_peak)
             for lv in levels["proxy"]:
                 m.at_proxy.setdefault(lv, []).append(_at_level(ro.proxy, ro.gold, lv))
             for lv in levels["kl"]:

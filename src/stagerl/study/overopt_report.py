@@ -13,11 +13,13 @@ from typing import Any
 import numpy as np
 
 from stagerl.study.common import StudySummary
-from stagerl.study.overopt import (DROP, MethodOveropt, analyse, paired_difference, spread)
+from stagerl.study.overopt import (DROP, SMOOTH, GoldFit, MethodOveropt, analyse,
+                                   paired_difference, smoothed, spread)
 from stagerl.study.report import LABELS, _git_commit
 
 BLOCK_START, BLOCK_END = "<!-- overopt:start -->", "<!-- overopt:end -->"
 DEFAULT_PREFIX = "results_overopt"
+BASE = "base model"
 COLORS = {"vanilla_grpo": "tab:blue", "plus_ent": "tab:orange", "stage": "tab:green",
           "wo_kl": "tab:red"}
 
@@ -30,8 +32,10 @@ def _fmt(values: list[float], digits: int = 3) -> str:
 
 
 def gold_proxy_figure(methods: dict[str, MethodOveropt], path: Path, proxy: str) -> Path:
-    """One panel per method: gold strict (solid), gold lenient (dotted) and the proxy (dashed)
-    against d = sqrt(KL), every seed a thin line, the mean fit of gold(d) thick."""
+    """One panel per method against d = sqrt(KL): every seed's evaluations as faint markers, the
+    mean over seeds at each evaluation, smoothed over SMOOTH evaluations, as lines (gold strict
+    solid, gold lenient dotted, the proxy dashed black), and gold(d) with the seeds' mean α, β
+    thick and translucent."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -40,27 +44,28 @@ def gold_proxy_figure(methods: dict[str, MethodOveropt], path: Path, proxy: str)
                              squeeze=False)
     for ax, (row, m) in zip(axes[0], methods.items()):
         color = COLORS.get(row, "tab:gray")
-        for k, ro in enumerate(m.runs):
-            first = k == 0
-            ax.plot(ro.d, ro.gold, "-o", color=color, lw=1, ms=2.5, alpha=0.8,
-                    label="gold strict" if first else None)
-            ax.plot(ro.d, ro.lenient, ":", color=color, lw=1, alpha=0.6,
-                    label="gold lenient" if first else None)
-            ax.plot(ro.d, ro.proxy, "--", color="black", lw=1, alpha=0.6,
-                    label=f"proxy ({proxy})" if first else None)
+        n = min(len(ro.d) for ro in m.runs)
+        mean = {k: np.mean([getattr(ro, k)[:n] for ro in m.runs], axis=0)
+                for k in ("d", "gold", "lenient", "proxy")}
+        for k in mean:  # the base point (index 0) is not smoothed into the trained ones
+            mean[k][1:] = smoothed(mean[k][1:])
+        for ro in m.runs:
+            ax.plot(ro.d, ro.gold, "o", color=color, ms=2.5, alpha=0.35)
+            ax.plot(ro.d, ro.proxy, "x", color="black", ms=2.5, alpha=0.3)
+        ax.plot(mean["d"], mean["gold"], "-", color=color, lw=1.8, label="gold strict")
+        ax.plot(mean["d"], mean["lenient"], ":", color=color, lw=1.5, label="gold lenient")
+        ax.plot(mean["d"], mean["proxy"], "--", color="black", lw=1.5, label=f"proxy ({proxy})")
         if m.alpha:
-            fit_a, fit_b = float(np.mean(m.alpha)), float(np.mean(m.beta))
-            top = max(float(ro.d.max()) for ro in m.runs)
-            xs = np.linspace(1e-3, top, 100)
-            base = float(np.mean([ro.gold[0] for ro in m.runs]))
-            ax.plot(xs, base + xs * (fit_a - fit_b * np.log(xs)), color=color, lw=2.5, alpha=0.5,
+            fit = GoldFit(float(np.mean(m.alpha)), float(np.mean(m.beta)))
+            xs = np.linspace(1e-3, float(max(ro.d.max() for ro in m.runs)), 100)
+            ax.plot(xs, mean["gold"][0] + fit.gain(xs), color=color, lw=4, alpha=0.3,
                     label="gold fit d(α − β ln d)")
         ax.set_title(f"{LABELS.get(row, row)}  (over-optimised: {m.overoptimised}/{len(m.runs)})",
                      fontsize=9)
         ax.set_xlabel("d = sqrt(KL to the base, per image)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("score on held-out prompts")
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    axes[0][0].set_ylabel("held-out score (lines: mean of seeds, smoothed)")
+    axes[0][0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -82,10 +87,15 @@ def hacked_grid(summary: StudySummary, methods: dict[str, MethodOveropt], reward
     items = shapes_items("test", plan.eval_prompts)
     picked: list[tuple[Image.Image, str]] = []
     frac: dict[str, float] = {}
-    for row, m in methods.items():
+    # the base model's evaluation lives beside the runs: OUT/base (study.run.run_study)
+    base_dir = Path(summary.runs[0].run_dir).parents[1] / "base"
+    folders = {BASE: [base_dir]} if (base_dir / "eval" / "test").is_dir() else {}
+    folders.update({row: [Path(ro.run.run_dir) for ro in sorted(m.runs, key=lambda r: r.run.seed)]
+                    for row, m in methods.items()})
+    for row, dirs in folders.items():
         found, n_images, n_hacked = [], 0, 0
-        for ro in sorted(m.runs, key=lambda r: r.run.seed):
-            folder = Path(ro.run.run_dir) / "eval" / "test"
+        for run_dir in dirs:
+            folder = run_dir / "eval" / "test"
             for i, it in enumerate(items):
                 imgs = _load_prompt_dir(folder, i, plan.eval_images)
                 if imgs is None:
@@ -101,7 +111,7 @@ def hacked_grid(summary: StudySummary, methods: dict[str, MethodOveropt], reward
                         found.append((img, f"{LABELS.get(row, row)}: {it.prompt} | gold: "
                                            f"{reason}"))
         frac[row] = n_hacked / n_images if n_images else float("nan")
-        picked += found[:per_method]
+        picked += found[:per_method] if row != BASE else []
     if not picked:
         return None, frac
     image_grid([p[0] for p in picked], [p[1] for p in picked], cols=per_method, scale=5,
@@ -109,18 +119,30 @@ def hacked_grid(summary: StudySummary, methods: dict[str, MethodOveropt], reward
     return path, frac
 
 
+def _fit_peak(values: list[float]) -> str:
+    """How many seeds' fits turn over within their run, and the median KL there."""
+    inside = [v for v in values if math.isfinite(v)]
+    if not values:
+        return "–"
+    return f"{len(inside)}/{len(values)}" + (f", median {np.median(inside):.2f}" if inside else "")
+
+
 def _table(methods: dict[str, MethodOveropt], levels: dict[str, list[float]],
-           hacked: dict[str, float]) -> list[str]:
-    lines = ["| method | over-optimised | peak gold | step at peak | KL at peak | α | β | "
-             "fit: KL at peak | final gold | final lenient | final proxy | final KL | "
-             "proxy-pass, gold-fail |", "|---" * 13 + "|"]
+           hacked: dict[str, float], base: dict[str, Any]) -> list[str]:
+    first = next(iter(methods.values())).runs[0]
+    lines = ["| method | over-optimised | peak gold | step at peak | KL at peak | drop to the end | "
+             "α | β | fit turns over (median KL there) | final gold | final lenient | "
+             "final proxy | final KL | proxy passes, gold fails |", "|---" * 14 + "|",
+             f"| {BASE} | – | {first.gold[0]:.3f} | 0 | 0 | – | – | – | – | {first.gold[0]:.3f} | "
+             f"{first.lenient[0]:.3f} | {first.proxy[0]:.3f} | 0 | "
+             f"{hacked.get(BASE, float('nan')):.3f} |"]
     for row, m in methods.items():
         lines.append(
             f"| {LABELS.get(row, row)} | {m.overoptimised}/{len(m.runs)} | {_fmt(m.peak_gold)} | "
-            f"{_fmt(m.peak_step, 0)} | {_fmt(m.kl_at_peak, 2)} | {_fmt(m.alpha)} | "
-            f"{_fmt(m.beta)} | {_fmt(m.fit_kl_peak, 2)} | {_fmt(m.final_gold)} | "
-            f"{_fmt(m.final_lenient)} | {_fmt(m.final_proxy)} | {_fmt(m.final_kl, 2)} | "
-            f"{hacked.get(row, float('nan')):.3f} |")
+            f"{_fmt(m.peak_step, 0)} | {_fmt(m.kl_at_peak, 2)} | {_fmt(m.drop)} | "
+            f"{_fmt(m.alpha)} | {_fmt(m.beta)} | {_fit_peak(m.fit_kl_peak)} | "
+            f"{_fmt(m.final_gold)} | {_fmt(m.final_lenient)} | {_fmt(m.final_proxy)} | "
+            f"{_fmt(m.final_kl, 2)} | {hacked.get(row, float('nan')):.3f} |")
     out = lines
     for what, title, unit in (("at_proxy", "Gold strict at matched proxy score", "proxy"),
                               ("at_kl", "Gold strict at matched KL", "KL")):
@@ -138,9 +160,12 @@ def _table(methods: dict[str, MethodOveropt], levels: dict[str, list[float]],
     q_rows = [(row, m) for row, m in methods.items() if m.quality]
     if q_rows:
         keys = sorted({k for _, m in q_rows for k in m.quality})
-        out += ["", "**Quality and diversity of the final models** (all three suites' "
-                "evaluation images):", "", "| method | " + " | ".join(keys) + " |",
-                "|---" * (len(keys) + 1) + "|"]
+        out += ["", "**Quality and diversity of the final models** (the evaluation images of all "
+                "three suites; docs/study.md, \"Quality and drift\"):", "",
+                "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        if base:
+            out.append(f"| {BASE} | " + " | ".join(
+                f"{base[k]:.3f}" if k in base else "–" for k in keys) + " |")
         for row, m in q_rows:
             out.append(f"| {LABELS.get(row, row)} | " + " | ".join(
                 _fmt(m.quality.get(k, [])) for k in keys) + " |")
@@ -152,9 +177,10 @@ def _verdict(methods: dict[str, MethodOveropt]) -> list[str]:
     for row, m in methods.items():
         steps = [ro.steps[ro.peak] for ro in m.runs if ro.overoptimised]
         lines.append(f"- **{LABELS.get(row, row)}** over-optimised in {m.overoptimised} of "
-                     f"{len(m.runs)} seeds (gold fell > {DROP} from its peak while the proxy did "
-                     f"not)" + (f"; peaks at steps {', '.join(str(int(s)) for s in steps)}."
-                                if steps else "."))
+                     f"{len(m.runs)} seeds (smoothed gold fell > {DROP} from its peak while the "
+                     f"proxy did not)" + (f"; peaks at steps "
+                                          f"{', '.join(str(int(s)) for s in steps)}."
+                                          if steps else "."))
     if "stage" in methods and "vanilla_grpo" in methods:
         for what, name in (("peak_gold", "peak gold"), ("kl_at_peak", "KL at the peak"),
                            ("final_gold", "final gold")):
@@ -199,10 +225,13 @@ def write_overopt_report(summary: StudySummary, docs: str | Path, command: str,
             f"{max(1, summary.config.steps // (summary.plan.curve_points + 1))} steps "
             f"({summary.plan.curve_prompts} `{summary.plan.curve_suite}` prompts x "
             f"{summary.plan.curve_images} images); KL = a whole image's KL to the base (sum over "
-            "its 64 tokens of k3, mean of the logged training steps around the evaluation). The "
-            "fit is gold(d) − gold(0) = d(α − β ln d), d = sqrt(KL); its peak is at "
-            "KL = exp(2(α/β − 1)).", "", *_table(methods, levels, hacked), "", *_verdict(methods),
-            ""]
+            "its 64 tokens of k3, mean of the 12 logged training steps around the evaluation). "
+            f"Peak, drop and final values use gold smoothed over {SMOOTH} consecutive "
+            "evaluations (one evaluation's standard error is about 0.036). The fit is "
+            "gold(d) − gold(0) = d(α − β ln d), d = sqrt(KL), per seed; it turns over at "
+            "KL = exp(2(α/β − 1)), counted when that lies within the run's KL.", "",
+            *_table(methods, levels, hacked, (summary.base or {}).get("quality", {})), "",
+            *_verdict(methods), ""]
     if grid is not None:
         body += ["Images the proxy passes and gold fails (final models, in-distribution "
                  "held-out prompts; gold's first reason):", "", f"![proxy passes, gold fails]"

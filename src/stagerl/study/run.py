@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 # In-training KL at an evaluation step: the mean of the logged training KL (k3 to the reference =
 # the base model) over this many logged steps around it (docs/study.md, "The reward-KL frontier").
 KL_WINDOW = 2
+# The same for a whole image's KL (the over-optimisation study's axis, docs/study.md): 12 logged
+# steps, because the per-step KL of 64 images varies by a factor of two from step to step.
+KL_SEQ_WINDOW = 6
 
 
 @dataclass(frozen=True)
@@ -180,9 +183,8 @@ def run_curve(run_dir: str | Path, steps: int) -> list[CurvePoint]:
     kl, kl_seq = ({int(r["step"]): float(r[key]) for r in rows if r.get(key) is not None}
                   for key in ("policy/kl_k3", "policy/kl_seq_k3"))
 
-    def around(logged: dict[int, float], step: int) -> float:
-        near = [logged[t] for t in range(step + 1 - KL_WINDOW, step + KL_WINDOW + 1)
-                if t in logged]
+    def around(logged: dict[int, float], step: int, window: int = KL_WINDOW) -> float:
+        near = [logged[t] for t in range(step + 1 - window, step + window + 1) if t in logged]
         return 0.0 if step == 0 else (sum(near) / len(near) if near else float("nan"))
 
     points = []
@@ -193,7 +195,8 @@ def run_curve(run_dir: str | Path, steps: int) -> list[CurvePoint]:
         proxy = list((res.get("proxy") or {}).values())
         points.append(CurvePoint(step=step, heldout=float(res["strict"]["overall"]),
                                  heldout_lenient=float(res["lenient"]["overall"]),
-                                 kl=around(kl, step), kl_seq=around(kl_seq, step),
+                                 kl=around(kl, step),
+                                 kl_seq=around(kl_seq, step, KL_SEQ_WINDOW),
                                  proxy=float(proxy[0]) if proxy else float("nan")))
     return sorted(points, key=lambda p: p.step)
 
