@@ -288,8 +288,10 @@ def _disk_summary() -> dict:
         return {"row": row, "seed": 0, "condition": condition, "lr_mult": lr_mult,
                 "job_steps": 0, "run_dir": f"runs/study/runs/{row}-s0", "train_seconds": 3.5,
                 "reused": True, "eval": _EVAL,
-                "curve": [{"step": 0, "heldout": 0.4, "heldout_lenient": 0.5, "kl": 0.0},
-                          {"step": 2, "heldout": 0.6, "heldout_lenient": 0.7, "kl": kl}],
+                "curve": [{"step": 0, "heldout": 0.4, "heldout_lenient": 0.5, "kl": 0.0,
+                           "kl_seq": 0.0, "proxy": 0.3},
+                          {"step": 2, "heldout": 0.6, "heldout_lenient": 0.7, "kl": kl,
+                           "kl_seq": 64 * kl, "proxy": 0.5}],
                 "steps": 2, "samples": 12, "lr": 1e-4 * lr_mult, "beta": 0.03,
                 "reward": ["shapes_strict"]}
 
@@ -306,7 +308,8 @@ def test_summary_loads_the_on_disk_format():
     assert s.plan == StudyPlan(**d["plan"]) and s.config.P == 2 and s.config.cfg_scale == 2.0
     assert [(r.row, r.condition, r.lr_mult) for r in s.runs] == [
         ("vanilla_grpo", None, 1.0), ("stage", "lenient", 1.0), ("stage", None, 2.0)]
-    assert s.runs[1].curve[1] == CurvePoint(step=2, heldout=0.6, heldout_lenient=0.7, kl=0.01)
+    assert s.runs[1].curve[1] == CurvePoint(step=2, heldout=0.6, heldout_lenient=0.7, kl=0.01,
+                                            kl_seq=0.64, proxy=0.5)
     assert s.base == _EVAL and s.runs[0].eval == _EVAL  # the evaluation payload stays a dict
     assert [r.at_plan_lr_and_steps for r in s.runs] == [True, True, False]
     assert s.shard is None and s.reused_runs == 3
@@ -321,6 +324,13 @@ def test_summary_loads_the_on_disk_format():
     s_old = StudySummary.from_dict(old)
     assert all(r.lr_mult == 1.0 and r.job_steps == 0 and r.curve == [] for r in s_old.runs)
     assert s_old.shard == (0, 2)
+    # curve points from before the over-optimisation study: no whole-image KL, no proxy score
+    older = copy.deepcopy(d)
+    for r in older["runs"]:
+        for p in r["curve"]:
+            del p["kl_seq"], p["proxy"]
+    point = StudySummary.from_dict(older).runs[1].curve[1]
+    assert point.kl == 0.01 and math.isnan(point.kl_seq) and math.isnan(point.proxy)
 
 
 def test_summary_round_trips_through_json():
@@ -332,6 +342,11 @@ def test_summary_round_trips_through_json():
     back = StudySummary.from_json(s.to_json())
     assert math.isnan(back.runs[1].curve[1].kl)  # rows without a reference log no KL
     back.runs[1].curve[1].kl = s.runs[1].curve[1].kl = 0.0  # NaN != NaN; the rest must be equal
+    for summary in (s, back):  # runs on an exact reward have no proxy score (NaN) either
+        for r in summary.runs:
+            for p in r.curve:
+                assert math.isnan(p.proxy) and math.isnan(p.kl_seq)
+                p.proxy = p.kl_seq = 0.0
     assert back == s and isinstance(back.shard, tuple)
 
 
