@@ -141,8 +141,9 @@ def read_proxy_meta(name: str, weights: str, spec: WorldSpec) -> tuple[Path, dic
     if diff:
         k = diff[0]
         raise UserError(f"{where}: {str(path)!r} was built for another world spec ({k}: "
-                        f"{theirs.get(k)!r}, this run's is {ours.get(k)!r}); rebuild it with "
-                        f"`stagerl pretrain-reward {name}` for this world")
+                        f"{theirs.get(k)!r}, this run's is {ours.get(k)!r}); a proxy for this "
+                        f"world is built with stagerl.proxies.build.build_proxy and a base model "
+                        f"of this world (docs/rewards.md, \"Learned proxy rewards\")")
     return path, meta
 
 
