@@ -242,7 +242,10 @@ def write_overopt_report(summary: StudySummary, docs: str | Path, command: str,
     results = docs / "results.md"
     if results.is_file() and prefix == DEFAULT_PREFIX:  # other conditions keep their own page
         insert_block(results, "\n".join([
-            "## Reward over-optimisation (learned proxy, exact gold)", "",
+            f"## Reward over-optimisation (learned proxy `{reward_name}`, exact gold)", "",
+            f"{', '.join(LABELS.get(r, r) for r in methods)} trained on the proxy only (weights "
+            f"`{proxy_kwargs.get('weights', 'builtin')}`), {len(summary.runs)} runs of "
+            f"{cfg.steps} steps; gold and proxy on the same held-out images.", "",
             f"![gold and proxy against sqrt(KL)]({fig.name})", "",
             *_verdict(methods), "", f"The whole section: [{page.name}]({page.name}); "
             "how to read it: docs/study.md, \"Reward over-optimisation\"."
