@@ -30,6 +30,7 @@ from stagerl import quiet
 from stagerl.errors import UserError
 from stagerl.pretrain import PretrainOptions
 from stagerl.proxies.build import ProxyOptions
+from stagerl.proxies.proxy import PROXY_KINDS
 from stagerl.config_schema import Config
 
 # Subcommands implemented elsewhere expose add_cli_args(parser) and run_cli(args) -> int.
@@ -323,8 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option_flags(pt, PretrainOptions)
     pr = sub.add_parser("pretrain-reward", help="Build a learned proxy reward of the shapes "
                         "world (shapes_detector, shapes_scorer), labelled by the exact evaluator.")
-    pr.add_argument("name", choices=("shapes_detector", "shapes_scorer"),
-                    help="which proxy to build")
+    pr.add_argument("name", choices=tuple(PROXY_KINDS), help="which proxy to build")
     pr.set_defaults(fn=cmd_pretrain_reward)
     add_option_flags(pr, ProxyOptions)
     st = sub.add_parser("study", help="Run the STAGE-vs-GRPO reproduction study on the shapes "

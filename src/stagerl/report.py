@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from stagerl.errors import UserError
-from stagerl.tracking import read_metrics
+from stagerl.tracking import mean_around, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +113,6 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     return written + ([gold] if gold else [])
 
 
-def _near(xs: list[int], ys: list[float], step: int, window: int = 2) -> float:
-    """Mean of the values logged at steps step + 1 - window .. step + window (0 at step 0): the
-    KL around an evaluation made after ``step`` updates."""
-    vals = [y for x, y in zip(xs, ys) if step + 1 - window <= x <= step + window]
-    return 0.0 if step == 0 else (sum(vals) / len(vals) if vals else float("nan"))
-
-
 def gold_proxy_plot(rows: list[dict], path: Path) -> Path | None:
     """A run trained on a learned proxy: the proxy and gold (exact strict, lenient) against
     d = sqrt(KL of an image to the base), per training step (smoothed lines) and at every held-out
@@ -146,7 +139,7 @@ def gold_proxy_plot(rows: list[dict], path: Path) -> Path | None:
                               ("eval/overall", "gold strict", "tab:blue"),
                               ("eval/lenient_overall", "gold lenient", "tab:green")):
         xs, ys = series(rows, key)
-        ds = [math.sqrt(max(0.0, _near(kx, ky, x))) for x in xs]
+        ds = [math.sqrt(max(0.0, mean_around(dict(zip(kx, ky)), x, 2))) for x in xs]
         if xs:
             ax.plot(ds, ys, "o-", color=color, ms=4, lw=1.5, label=f"{label}, held-out")
     ax.set_xlabel("d = sqrt(KL to the base, per image)")

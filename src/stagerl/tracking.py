@@ -135,6 +135,14 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def mean_around(logged: dict[int, float], step: int, window: int) -> float:
+    """Mean of the values logged at steps step + 1 - window .. step + window: the training-time
+    value around an evaluation made after ``step`` updates (the policy evaluated after s updates
+    sampled the rollout logged at step s + 1). 0 at step 0 (the base model), NaN when none."""
+    near = [logged[t] for t in range(step + 1 - window, step + window + 1) if t in logged]
+    return 0.0 if step == 0 else (sum(near) / len(near) if near else float("nan"))
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of a run's metrics.jsonl. A torn last line (a write cut short by a kill) is
     dropped with a warning; a bad line before it is a UserError naming the line."""

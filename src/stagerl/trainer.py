@@ -64,7 +64,7 @@ def preflight_train(cfg: Config) -> Path:
     preflight.check_data_source(cfg.data.source, cfg.run.seed, cfg.data.shuffle)
     rewards = RewardSet(list(cfg.reward.names), dict(cfg.reward.kwargs),  # names and arguments
                         list(cfg.reward.monitor))
-    monitors = rewards.monitors(list(cfg.reward.monitor), dict(cfg.reward.kwargs))  # logged only
+    monitors = rewards.monitors()  # logged only
     preflight.check_model_path(cfg.model)
     preflight.check_prompts_readable(cfg.model, cfg.data.source)
     preflight.check_training_fits(cfg)
@@ -111,7 +111,7 @@ def train(cfg: Config, progress: Any = None) -> TrainResult:
     if reference is not None:
         reference.to(accelerator.device)
     rewards = RewardSet(list(cfg.reward.names), dict(cfg.reward.kwargs), list(cfg.reward.monitor))
-    monitors = rewards.monitors(list(cfg.reward.monitor), dict(cfg.reward.kwargs))
+    monitors = rewards.monitors()
     source = build_source(cfg.data.source, cfg.run.seed, cfg.data.shuffle)
 
     # --- run directory, resume -----------------------------------------------------------------

@@ -113,7 +113,7 @@ def label(images: np.ndarray, items: list[PromptItem], spec: WorldSpec) -> Label
                           np.array([v.lenient for v in verdicts]))
 
 
-def _mismatched(data: LabelledImages, spec: WorldSpec, seed: int) -> LabelledImages:
+def _mismatched(data: LabelledImages, seed: int) -> LabelledImages:
     """The same images, each paired with another image's prompt, labelled again by gold."""
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(data.items))
@@ -254,7 +254,7 @@ def build_proxy(name: str, cfg: ProxyConfig, spec: WorldSpec = WorldSpec()) -> P
     else:
         vocab = scorer_vocab(spec)
         net = ScorerNet(len(vocab), cfg.width)
-        pairs = _concat([train, _mismatched(train, spec, mix_seed(cfg.seed, 6))])
+        pairs = _concat([train, _mismatched(train, mix_seed(cfg.seed, 6))])
         x_pairs = torch.cat([x_all, x_all])
         ids, _ = vocab.encode([it.prompt for it in pairs.items], PROMPT_LEN)
         y = torch.from_numpy(pairs.strict.astype(np.float32))
@@ -266,7 +266,7 @@ def build_proxy(name: str, cfg: ProxyConfig, spec: WorldSpec = WorldSpec()) -> P
     agreement = {"base_samples": agreement_on(proxy, data["eval_samples"]),
                  "renders": agreement_on(proxy, _concat([
                      data["eval_renders"],
-                     _mismatched(data["eval_renders"], spec, mix_seed(cfg.seed, 7))]))}
+                     _mismatched(data["eval_renders"], mix_seed(cfg.seed, 7))]))}
     proxy.meta.update({
         "agreement": agreement, "final_loss": loss,
         "parameters": sum(p.numel() for p in net.parameters()),

@@ -156,15 +156,17 @@ class RewardSet:
                             what="reward.names and reward.monitor" if monitored else "reward.names")
         self.names = list(names)
         self.fns = [build_reward(n, **dict(kwargs.get(n) or {})) for n in self.names]
+        self._monitored, self._kwargs = list(monitored or []), kwargs
 
     def monitors(self, names: list[str] | None = None,
                  kwargs: dict[str, dict[str, Any]] | None = None) -> "RewardSet | None":
-        """The rewards logged beside these but never trained on: ``names`` (config
-        ``reward.monitor``, built with their ``kwargs``), then the ``gold`` rewards a learned
-        proxy names (built with the proxy's own ``gold_kwargs``, e.g. its world). None when there
-        are none; a name already trained on is not repeated."""
-        kwargs = dict(kwargs or {})
-        wanted = list(names or [])
+        """The rewards logged beside these but never trained on: ``names`` (default: the
+        ``monitored`` names given at construction, config ``reward.monitor``, built with their
+        ``kwargs``, default the construction's), then the ``gold`` rewards a learned proxy names
+        (built with the proxy's own ``gold_kwargs``, e.g. its world). None when there are none; a
+        name already trained on is not repeated."""
+        kwargs = dict(self._kwargs if kwargs is None else kwargs)
+        wanted = list(self._monitored if names is None else names)
         for fn in self.fns:
             for gold in getattr(fn, "gold", ()):
                 if gold not in wanted:

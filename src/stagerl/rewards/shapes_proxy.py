@@ -82,12 +82,8 @@ class ShapesProxyReward:
         idx = np.flatnonzero(valid)
         if len(idx):
             batch = np.stack([arrays[i] for i in idx])
-            items = [PromptItem(prompts[i], metadata[i]) for i in idx]
-            if self.kind == "scorer":
-                p = proxy.pass_probability(batch, [it.prompt for it in items])
-                got = {"score": p, "strict": p > self.threshold}
-            else:
-                got = proxy.scores(batch, items, self.threshold)
+            got = proxy.scores(batch, [PromptItem(prompts[i], metadata[i]) for i in idx],
+                               self.threshold)
             for j, i in enumerate(idx):
                 scores[i] = float(got[self.key][j])
                 details[i] = {k: float(v[j]) for k, v in got.items()}

@@ -242,16 +242,22 @@ def _lr_order(m: LrKey) -> tuple[bool, str]:
     return isinstance(m, str), str(m)
 
 
+def first_reach(xs: list[float], ys: list[float], level: float) -> float | None:
+    """y where x first reaches ``level`` (linear between consecutive points); None when it never
+    does."""
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x0 <= level <= x1 and x1 > x0:
+            return y0 + (y1 - y0) * (level - x0) / (x1 - x0)
+        if x0 == level:
+            return y0
+    return None
+
+
 def _score_at_kl(curve: list[CurvePoint], k: float) -> float | None:
     """The held-out score where the run's training KL first reaches k (linear between evaluation
     points); None when it never does."""
-    pts = [(p.kl, p.heldout) for p in curve if math.isfinite(p.kl)]
-    for (k0, s0), (k1, s1) in zip(pts, pts[1:]):
-        if k0 <= k <= k1 and k1 > k0:
-            return s0 + (s1 - s0) * (k - k0) / (k1 - k0)
-        if k0 == k:
-            return s0
-    return None
+    pts = [p for p in curve if math.isfinite(p.kl)]
+    return first_reach([p.kl for p in pts], [p.heldout for p in pts], k)
 
 
 def frontier_levels(by_row: dict[str, ByLr]) -> list[float]:

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stagerl.study.common import CurvePoint, StudyRun, StudySummary
+from stagerl.study.common import CurvePoint, StudyRun, StudySummary, first_reach
+from stagerl.study.stats import stats
 
 # The four rows the over-optimisation study trains (docs/study.md): the two with a KL term, the
 # entropy reward alone, and STAGE without its KL term (what reweighting alone does to hacking).
@@ -128,25 +129,14 @@ def run_overopt(run: StudyRun) -> RunOveropt | None:
 
 def _at_level(x: np.ndarray, y: np.ndarray, level: float) -> float:
     """y where x first reaches ``level`` (linear between points); NaN when it never does."""
-    for i in range(1, len(x)):
-        if x[i - 1] <= level <= x[i] and x[i] > x[i - 1]:
-            return float(y[i - 1] + (y[i] - y[i - 1]) * (level - x[i - 1]) / (x[i] - x[i - 1]))
-        if x[i - 1] == level:
-            return float(y[i - 1])
-    return float("nan")
-
-
-def spread(values: list[float]) -> tuple[float, float, int]:
-    """(mean, sample std, n) of the finite values; std 0 for one value, NaNs for none."""
-    v = np.array([x for x in values if np.isfinite(x)], dtype=float)
-    if not len(v):
-        return float("nan"), float("nan"), 0
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+    v = first_reach(list(x), list(y), level)
+    return float("nan") if v is None else float(v)
 
 
 @dataclass
 class MethodOveropt:
-    """Per-method numbers, one value per seed (``spread`` summarises them)."""
+    """Per-method numbers, one value per seed (:func:`stagerl.study.stats.stats` summarises
+    them)."""
 
     row: str
     runs: list[RunOveropt]
@@ -227,4 +217,4 @@ def paired_difference(a: MethodOveropt, b: MethodOveropt, what: str) -> tuple[fl
     """Mean and std over shared seeds of a's value minus b's (``what``: a list field)."""
     va = {ro.run.seed: v for ro, v in zip(a.runs, getattr(a, what))}
     vb = {ro.run.seed: v for ro, v in zip(b.runs, getattr(b, what))}
-    return spread([va[s] - vb[s] for s in sorted(va.keys() & vb.keys())])
+    return stats([va[s] - vb[s] for s in sorted(va.keys() & vb.keys())])

@@ -14,7 +14,8 @@ import numpy as np
 
 from stagerl.study.common import StudySummary
 from stagerl.study.overopt import (DROP, SMOOTH, GoldFit, MethodOveropt, analyse,
-                                   paired_difference, smoothed, spread)
+                                   paired_difference, smoothed)
+from stagerl.study.stats import stats
 from stagerl.study.report import LABELS, _git_commit
 
 BLOCK_START, BLOCK_END = "<!-- overopt:start -->", "<!-- overopt:end -->"
@@ -25,7 +26,7 @@ COLORS = {"vanilla_grpo": "tab:blue", "plus_ent": "tab:orange", "stage": "tab:gr
 
 
 def _fmt(values: list[float], digits: int = 3) -> str:
-    mean, sd, n = spread(values)
+    mean, sd, n = stats(values)
     if n == 0:
         return "–"
     return f"{mean:.{digits}f} ± {sd:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"

@@ -176,16 +176,12 @@ def run_curve(run_dir: str | Path, steps: int) -> list[CurvePoint]:
     the rollout logged at step s + 1, so the point takes the mean of the logged KL over steps
     s + 1 - KL_WINDOW .. s + KL_WINDOW (those that exist); at step 0 the policy is the base: 0.
     Rows without a reference log no KL: ``kl`` is NaN there."""
-    from stagerl.tracking import read_metrics
+    from stagerl.tracking import mean_around, read_metrics
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     kl, kl_seq = ({int(r["step"]): float(r[key]) for r in rows if r.get(key) is not None}
                   for key in ("policy/kl_k3", "policy/kl_seq_k3"))
-
-    def around(logged: dict[int, float], step: int, window: int = KL_WINDOW) -> float:
-        near = [logged[t] for t in range(step + 1 - window, step + window + 1) if t in logged]
-        return 0.0 if step == 0 else (sum(near) / len(near) if near else float("nan"))
 
     points = []
     for f in run_dir.glob("eval_*.json"):
@@ -195,8 +191,8 @@ def run_curve(run_dir: str | Path, steps: int) -> list[CurvePoint]:
         proxy = list((res.get("proxy") or {}).values())
         points.append(CurvePoint(step=step, heldout=float(res["strict"]["overall"]),
                                  heldout_lenient=float(res["lenient"]["overall"]),
-                                 kl=around(kl, step),
-                                 kl_seq=around(kl_seq, step, KL_SEQ_WINDOW),
+                                 kl=mean_around(kl, step, KL_WINDOW),
+                                 kl_seq=mean_around(kl_seq, step, KL_SEQ_WINDOW),
                                  proxy=float(proxy[0]) if proxy else float("nan")))
     return sorted(points, key=lambda p: p.step)
 
